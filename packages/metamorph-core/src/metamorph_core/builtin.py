@@ -1,0 +1,62 @@
+"""metamorph-core's own components, registered through the ``metamorph`` entry-point group
+like any third-party plugin. Factories are import strings, so listing them imports no torch."""
+
+from __future__ import annotations
+
+from metamorph_core.plugins.hookspecs import Register, hookimpl
+
+_C = "metamorph_core.components"
+
+
+@hookimpl
+def register_encoders(register: Register) -> None:
+    register(
+        "tiny-patch",
+        f"{_C}.tiny_encoder:TinyPatchEncoder",
+        description="tiny random patch encoder for tests and demos (not pretrained)",
+    )
+
+
+@hookimpl
+def register_projectors(register: Register) -> None:
+    register("linear", f"{_C}.projectors:linear", description="Linear(c, d)")
+    register(
+        "mlp{depth}x_gelu",
+        f"{_C}.projectors:mlp_gelu",
+        description="Linear(c, d) then depth-1 x (GELU, Linear(d, d)); mlp2x_gelu is the paper's",
+    )
+
+
+@hookimpl
+def register_backbones(register: Register) -> None:
+    register(
+        "hf-causal-lm",
+        f"{_C}.hf_causal_lm:HFCausalLM",
+        aliases=("llama", "qwen2", "qwen3"),
+        description="any transformers causal LM (hub id, local directory, or config)",
+    )
+
+
+@hookimpl
+def register_heads(register: Register) -> None:
+    register("linear", f"{_C}.heads:linear", description="Linear(d, c), L2-normalised")
+    register("mlp", f"{_C}.heads:mlp", description="Linear(d, d) GELU Linear(d, c)")
+    register(
+        "mlp{depth}x_gelu",
+        f"{_C}.heads:mlp_gelu",
+        description="depth x (Linear(d, d), GELU) then Linear(d, c); mlp2x_gelu is the paper's",
+    )
+
+
+@hookimpl
+def register_losses(register: Register) -> None:
+    register("cosine", f"{_C}.losses:CosineLoss", description="1 - cos(pred, target) (paper)")
+    register("mse", f"{_C}.losses:MSELoss", description="mean squared error")
+    register("l1", f"{_C}.losses:L1Loss", description="mean absolute error")
+
+
+@hookimpl
+def register_templates(register: Register) -> None:
+    register("llama3", "metamorph_core.conversation:llama3", description="the paper's template")
+    register("chatml", "metamorph_core.conversation:chatml", description="Qwen's ChatML")
+    register("plain", "metamorph_core.conversation:plain", description="no roles")

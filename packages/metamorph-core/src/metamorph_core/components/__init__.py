@@ -1,0 +1,1 @@
+"""First-party components of metamorph-core, registered through ``metamorph_core.builtin``."""

@@ -1,0 +1,169 @@
+"""``hf-causal-lm`` (aliases ``llama``, ``qwen2``, ``qwen3``): any transformers causal LM.
+
+Loads from a hub id or local directory (``pretrained``) or builds a random model from a config
+dict (``config``, with ``model_type``), always with an explicit dtype (transformers 5 would
+otherwise keep a checkpoint's own dtype). Adds ``<image_start>`` / ``<image_end>`` when the
+tokenizer lacks them, initialising their embedding rows (and untied ``lm_head`` rows) to the
+mean of the existing token rows. An embedding matrix padded beyond the tokenizer (Qwen) is
+never shrunk: new tokens take padded rows when there are any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metamorph_core.errors import CheckpointError
+from metamorph_core.interfaces import Backbone, BackboneOutput
+
+IMAGE_START = "<image_start>"
+IMAGE_END = "<image_end>"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+class HFCausalLM(Backbone):
+    """A transformers ``AutoModelForCausalLM`` with its tokenizer and the image tokens."""
+
+    def __init__(
+        self,
+        pretrained: str | Path | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | Path | None = None,
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        seed: int | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if (pretrained is None) == (config is None):
+            raise ValueError(
+                "backbone 'hf-causal-lm' needs exactly one of pretrained= (hub id or directory) "
+                "or config= (a dict with 'model_type', for random init)"
+            )
+        torch_dtype = resolve_dtype(dtype)
+        tok_source = tokenizer if tokenizer is not None else pretrained
+        if tok_source is None:
+            raise ValueError(
+                "backbone 'hf-causal-lm' built from config= needs tokenizer= (hub id or directory)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(tok_source), trust_remote_code=trust_remote_code
+        )
+        extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation is not None:
+            extra["attn_implementation"] = attn_implementation
+        if pretrained is not None:
+            self.lm, info = AutoModelForCausalLM.from_pretrained(
+                str(pretrained), output_loading_info=True, **extra
+            )
+            bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+            if strict and bad:
+                raise CheckpointError(
+                    f"backbone weights in '{pretrained}' do not match its config: "
+                    + "; ".join(f"{k}: {sorted(v)[:8]}" for k, v in bad.items())
+                )
+        else:
+            cfg_kwargs = dict(config)
+            model_type = cfg_kwargs.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("backbone config= must contain 'model_type' (e.g. 'llama')")
+            cfg = AutoConfig.for_model(model_type, **cfg_kwargs)
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.lm = AutoModelForCausalLM.from_config(cfg, **extra)
+        text_config = self.lm.config.get_text_config()
+        self.hidden_size = int(text_config.hidden_size)
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 1 << 30))
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._add_image_tokens()
+        self.image_start_id = self.tokenizer.convert_tokens_to_ids(IMAGE_START)
+        self.image_end_id = self.tokenizer.convert_tokens_to_ids(IMAGE_END)
+        self._init_kwargs = {
+            "dtype": dtype_name(torch_dtype),
+            "trust_remote_code": trust_remote_code,
+            "attn_implementation": attn_implementation,
+        }
+
+    def _add_image_tokens(self) -> None:
+        from transformers import AddedToken
+
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (IMAGE_START, IMAGE_END) if t not in vocab]
+        if not missing:
+            return
+        n_before = len(self.tokenizer)
+        self.tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
+        n_after = len(self.tokenizer)
+        emb = self.lm.get_input_embeddings()
+        if n_after > emb.num_embeddings:  # only ever grow; padded matrices keep their rows
+            self.lm.resize_token_embeddings(n_after, mean_resizing=False)
+        new_ids = list(range(n_before, n_after))
+        with torch.no_grad():
+            w_in = self.lm.get_input_embeddings().weight
+            w_in[new_ids] = w_in[:n_before].mean(dim=0, keepdim=True)
+            head = self.lm.get_output_embeddings()
+            if head is not None and head.weight.data_ptr() != w_in.data_ptr():
+                head.weight[new_ids] = head.weight[:n_before].mean(dim=0, keepdim=True)
+
+    @property
+    def pad_id(self) -> int:
+        for tid in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> BackboneOutput:
+        out = self.lm.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return BackboneOutput(hidden_states=out.last_hidden_state, cache=out.cache)
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm.get_output_embeddings()(hidden_states)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+        self.lm.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+        return {**self._init_kwargs, "strict": True}

@@ -1,0 +1,66 @@
+"""Configuration of a unified model: which components, by registry name and keyword config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPONENT_KINDS = ("encoder", "projector", "backbone", "head")
+
+
+@dataclass
+class ComponentSpec:
+    """A registry name plus the keyword arguments its factory receives."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: ComponentSpec | str | dict[str, Any], where: str) -> ComponentSpec:
+        if isinstance(value, ComponentSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and set(value) <= {"name", "kwargs"} and "name" in value:
+            return cls(value["name"], dict(value.get("kwargs") or {}))
+        raise ValueError(
+            f"{where}: expected a component name or {{'name': ..., 'kwargs': {{...}}}}, got {value!r}"
+        )
+
+
+@dataclass
+class MetaMorphConfig:
+    """What ``MetaMorphModel.from_config`` assembles.
+
+    Projector and head dimensions default to the encoder's and backbone's widths.
+    """
+
+    encoder: ComponentSpec
+    backbone: ComponentSpec
+    projector: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp2x_gelu"))
+    head: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp2x_gelu"))
+    visual_loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cosine"))
+    visual_loss_weight: float = 1.0
+    text_loss_weight: float = 1.0
+    template: ComponentSpec = field(default_factory=lambda: ComponentSpec("llama3"))
+    freeze_encoder: bool = True
+    max_length: int | None = None  # None: the backbone's own maximum
+    truncation: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("encoder", "backbone", "projector", "head", "visual_loss", "template"):
+            setattr(self, f, ComponentSpec.parse(getattr(self, f), f"MetaMorphConfig.{f}"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetaMorphConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown MetaMorphConfig keys {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**data)

@@ -1,0 +1,131 @@
+"""Abstract interfaces of the five component kinds, each declaring the shapes it works with.
+
+The model checks these declarations when it assembles (:mod:`metamorph_core.model`) and names
+both components and both numbers when they disagree. Shapes: ``b`` batch, ``n`` tokens per
+image, ``l`` sequence length, ``d`` backbone width, ``c`` encoder token width.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Component(nn.Module):
+    """A registered building block.
+
+    A component that is too large or too standard to live in ``model.safetensors`` (an LLM, a
+    pretrained vision tower) overrides :meth:`save_pretrained` to write itself into a subfolder
+    of the checkpoint and returns the keyword arguments that reload it from there.
+    """
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any] | None:
+        """Write into ``directory`` and return reload kwargs, or ``None`` (weights go to
+        the model's ``model.safetensors``)."""
+        return None
+
+
+class VisionEncoder(Component, ABC):
+    """Images -> ``(b, num_tokens, hidden_size)`` visual tokens (L2-normalised by default).
+
+    Frozen encoders keep ``requires_grad=False`` and stay in eval mode; the model runs them
+    under ``torch.no_grad()``.
+    """
+
+    hidden_size: int
+    num_tokens: int
+    image_size: tuple[int, int]  # (height, width) of :meth:`preprocess` output
+
+    @abstractmethod
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """PIL images, arrays or tensors -> ``(b, 3, h, w)`` float pixel values for :meth:`forward`."""
+
+    @abstractmethod
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(b, 3, h, w)`` -> ``(b, num_tokens, hidden_size)``."""
+
+
+class Projector(Component, ABC):
+    """Visual tokens ``(..., in_dim)`` -> backbone inputs ``(..., out_dim)``."""
+
+    in_dim: int
+    out_dim: int
+
+
+class VisionHead(Component, ABC):
+    """Backbone hidden states ``(..., in_dim)`` -> predicted visual tokens ``(..., out_dim)``,
+    L2-normalised when ``normalize`` is set."""
+
+    in_dim: int
+    out_dim: int
+    normalize: bool
+
+
+@dataclass
+class BackboneOutput:
+    """``hidden_states``: ``(b, l, d)`` after the final norm; ``cache``: the KV cache if used."""
+
+    hidden_states: torch.Tensor
+    cache: Any = None
+
+
+class Backbone(Component, ABC):
+    """A causal language model with the two image-wrapping special tokens.
+
+    ``image_start_id`` / ``image_end_id`` are read from the tokenizer; ``max_length`` is the
+    longest sequence the model supports.
+    """
+
+    hidden_size: int
+    max_length: int
+    image_start_id: int
+    image_end_id: int
+    tokenizer: Any
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(b, l)`` token ids -> ``(b, l, d)`` input embeddings."""
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> BackboneOutput:
+        """Run the transformer on ``(b, l, d)`` embeddings; hidden states after the final norm."""
+
+    @abstractmethod
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(b, l, d)`` final hidden states -> ``(b, l, vocab)`` text logits."""
+
+
+class VisualLoss(nn.Module, ABC):
+    """Per-token visual loss: ``(t, c)`` predictions and targets -> ``(t,)`` losses.
+
+    The model sums these and divides by the token count (DESIGN.md conventions)."""
+
+    @abstractmethod
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+class VisualDecoder(Component, ABC):
+    """Visual tokens ``(b, num_tokens, token_dim)`` -> images (a diffusion model, typically)."""
+
+    token_dim: int
+    num_tokens: int
+
+    @abstractmethod
+    def loss(self, tokens: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Training loss of reconstructing ``pixel_values`` ``(b, 3, h, w)`` from ``tokens``."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``."""

@@ -1,0 +1,357 @@
+"""``MetaMorphModel``: encoder -> projector -> backbone -> (text head, vision head), with the
+VPiT losses (DESIGN.md section 1).
+
+Alignment: the hidden state at ``t - 1`` predicts the token at ``t``, text and visual alike:
+the state at ``<image_start>`` predicts the first visual token and the last visual token's
+state predicts ``<image_end>`` through the text head. Visual targets are the detached,
+normalised encoder tokens (before the projector) of images in assistant turns; prompt images
+are context only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metamorph_core import __version__
+from metamorph_core.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    load_tensors_strict,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from metamorph_core.config import ComponentSpec, MetaMorphConfig
+from metamorph_core.conversation import Conversation
+from metamorph_core.errors import CheckpointError, ShapeMismatchError
+from metamorph_core.interfaces import Backbone, Projector, VisionEncoder, VisionHead, VisualLoss
+from metamorph_core.plugins.registry import create
+from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate
+
+FORMAT = "metamorph"
+FORMAT_VERSION = 1
+_KINDS = ("encoder", "projector", "backbone", "head")
+
+
+@dataclass
+class MetaMorphOutput:
+    """Losses are token sums over token counts; the sums and counts are kept so that ranks and
+    accumulation steps can be reduced exactly (sum the sums, sum the counts, divide)."""
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    visual_loss: torch.Tensor
+    text_loss_sum: torch.Tensor
+    text_tokens: torch.Tensor
+    visual_loss_sum: torch.Tensor
+    visual_tokens: torch.Tensor
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+def _spec_of(component: nn.Module, kind: str) -> ComponentSpec:
+    spec = getattr(component, "metamorph_spec", None)
+    if spec is None:
+        raise ValueError(
+            f"the {kind} ({type(component).__name__}) was not created through the registry, so "
+            f"the model cannot record how to rebuild it; create it with "
+            f"metamorph_core.create('{kind}', name, ...) or pass config="
+        )
+    return ComponentSpec(spec["name"], dict(spec["kwargs"]))
+
+
+class MetaMorphModel(nn.Module):
+    """A unified model. Build it from components, from a config, or from a checkpoint."""
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        projector: Projector,
+        backbone: Backbone,
+        head: VisionHead,
+        visual_loss: VisualLoss | None = None,
+        config: MetaMorphConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder, self.projector, self.backbone, self.head = encoder, projector, backbone, head
+        self.visual_loss_fn = visual_loss if visual_loss is not None else create("loss", "cosine")
+        if config is None:
+            specs = {k: _spec_of(getattr(self, k), k) for k in _KINDS}
+            config = MetaMorphConfig(**specs)
+        self.config = config
+        self._check_shapes()
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+        template = create("template", config.template.name, **config.template.kwargs)
+        max_length = config.max_length or backbone.max_length
+        self.sequence_builder = SequenceBuilder(
+            backbone.tokenizer,
+            template,
+            encoder.num_tokens,
+            backbone.image_start_id,
+            backbone.image_end_id,
+            max_length=max_length,
+            truncation=config.truncation,
+            pad_id=getattr(backbone, "pad_id", 0),
+        )
+
+    # -- assembly ----------------------------------------------------------------------------
+    def _check_shapes(self) -> None:
+        c = self.config
+        enc, proj, bb, head = (f"{k} '{getattr(c, k).name}'" for k in _KINDS)
+        checks = [
+            (
+                self.projector.in_dim,
+                self.encoder.hidden_size,
+                f"{enc} gives {self.encoder.hidden_size}-d tokens but {proj} was built for "
+                f"{self.projector.in_dim}-d inputs; set projector in_dim or pick another encoder",
+            ),
+            (
+                self.projector.out_dim,
+                self.backbone.hidden_size,
+                f"{proj} outputs {self.projector.out_dim}-d but {bb} has hidden size "
+                f"{self.backbone.hidden_size}; set projector out_dim or pick another backbone",
+            ),
+            (
+                self.head.in_dim,
+                self.backbone.hidden_size,
+                f"{head} reads {self.head.in_dim}-d states but {bb} has hidden size "
+                f"{self.backbone.hidden_size}; set head in_dim or pick another backbone",
+            ),
+            (
+                self.head.out_dim,
+                self.encoder.hidden_size,
+                f"{head} predicts {self.head.out_dim}-d tokens but {enc} gives "
+                f"{self.encoder.hidden_size}-d tokens; set head out_dim or pick another encoder",
+            ),
+        ]
+        for got, want, message in checks:
+            if got != want:
+                raise ShapeMismatchError(message)
+
+    @classmethod
+    def from_config(cls, config: MetaMorphConfig | dict[str, Any]) -> MetaMorphModel:
+        """Create every component by registry name; projector/head widths default to the
+        encoder's and backbone's."""
+        if isinstance(config, dict):
+            config = MetaMorphConfig.from_dict(config)
+        return cls._assemble(config, {})
+
+    @classmethod
+    def _assemble(cls, config: MetaMorphConfig, built: dict[str, nn.Module]) -> MetaMorphModel:
+        """Create the components not in ``built``; projector/head widths default to the
+        encoder's and backbone's."""
+        for kind in ("encoder", "backbone"):
+            if kind not in built:
+                spec = getattr(config, kind)
+                built[kind] = create(kind, spec.name, **spec.kwargs)
+        enc_dim, bb_dim = built["encoder"].hidden_size, built["backbone"].hidden_size
+        dims = {"projector": (enc_dim, bb_dim), "head": (bb_dim, enc_dim)}
+        for kind, (in_dim, out_dim) in dims.items():
+            if kind not in built:
+                spec = getattr(config, kind)
+                built[kind] = create(
+                    kind, spec.name, **{"in_dim": in_dim, "out_dim": out_dim, **spec.kwargs}
+                )
+        loss = create("loss", config.visual_loss.name, **config.visual_loss.kwargs)
+        return cls(**built, visual_loss=loss, config=config)  # type: ignore[arg-type]
+
+    def train(self, mode: bool = True) -> MetaMorphModel:
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.encoder.num_tokens
+
+    def prepare_batch(
+        self, conversations: list[Conversation], add_generation_prompt: bool = False
+    ) -> dict[str, Any]:
+        """Conversations -> a batch for :meth:`forward` (images preprocessed by the encoder)."""
+        samples = [self.sequence_builder.encode(c, add_generation_prompt) for c in conversations]
+        batch = collate(samples, pad_id=self.sequence_builder.pad_id)
+        images = batch.pop("images")
+        if images:
+            batch["pixel_values"] = self.encoder.preprocess(images)
+        return batch
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, h, w)`` -> ``(n, num_tokens, c)`` encoder tokens (no grad when frozen)."""
+        if self.config.freeze_encoder:
+            with torch.no_grad():
+                return self.encoder(pixel_values)
+        return self.encoder(pixel_values)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_slot_mask: torch.Tensor | None = None,
+        target_slot_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+        image_is_target: torch.Tensor | None = None,  # accepted from collate; slots carry it
+    ) -> MetaMorphOutput:
+        """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` ``(n, 3, h,
+        w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order."""
+        embeds = self.backbone.embed(input_ids)
+        tokens = None
+        if image_slot_mask is not None and bool(image_slot_mask.any()):
+            tokens = image_features if image_features is not None else None
+            if tokens is None:
+                if pixel_values is None:
+                    raise ValueError(
+                        "the batch has image slots but no pixel_values or image_features"
+                    )
+                tokens = self.encode_images(pixel_values)
+            n_slots = int(image_slot_mask.sum())
+            if tokens.shape[0] * tokens.shape[1] != n_slots:
+                raise ValueError(
+                    f"the batch has {n_slots} image slots ({n_slots // self.num_image_tokens} "
+                    f"images of {self.num_image_tokens} tokens) but {tokens.shape[0]} images of "
+                    f"{tokens.shape[1]} tokens were given"
+                )
+            proj = self.projector(tokens.to(self._projector_dtype()))  # (n, t, d)
+            embeds = embeds.masked_scatter(image_slot_mask.unsqueeze(-1), proj.to(embeds.dtype))
+        hidden = self.backbone(
+            embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).hidden_states  # (b, l, d), after the final norm
+
+        logits = self.backbone.logits(hidden) if return_logits or labels is None else None
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        text_sum, text_count = zero, zero
+        if labels is not None:
+            shift_labels = labels[:, 1:]
+            valid = shift_labels != IGNORE_INDEX
+            if logits is not None:
+                picked = logits[:, :-1][valid]
+            else:  # only the positions that carry a label reach the vocabulary projection
+                picked = self.backbone.logits(hidden[:, :-1][valid])
+            text_sum = F.cross_entropy(picked.float(), shift_labels[valid], reduction="sum")
+            text_count = valid.sum().to(torch.float32)
+
+        vis_sum, vis_count = zero, zero
+        if target_slot_mask is not None and tokens is not None and bool(target_slot_mask.any()):
+            assert image_slot_mask is not None
+            pred = self.head(hidden[:, :-1][target_slot_mask[:, 1:]])  # (t, c): state t-1 -> t
+            flat = tokens.reshape(-1, tokens.shape[-1])  # (n * num_tokens, c), slot order
+            target = flat[target_slot_mask[image_slot_mask]].detach()
+            vis_sum = self.visual_loss_fn(pred, target).sum()
+            vis_count = target_slot_mask.sum().to(torch.float32)
+        else:  # no target image: loss 0, but the head stays in the graph (DDP sees every param)
+            vis_sum = self.head(hidden[:, :1]).sum() * 0.0
+
+        text_loss = text_sum / text_count.clamp(min=1)
+        visual_loss = vis_sum / vis_count.clamp(min=1)
+        c = self.config
+        loss = c.text_loss_weight * text_loss + c.visual_loss_weight * visual_loss
+        return MetaMorphOutput(
+            loss, text_loss, visual_loss, text_sum, text_count, vis_sum, vis_count, logits, hidden
+        )
+
+    def _projector_dtype(self) -> torch.dtype:
+        p = next(self.projector.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ a subfolder per component that
+        saves itself, e.g. ``backbone/`` in transformers format), atomically."""
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            components: dict[str, Any] = {}
+            tensors: dict[str, torch.Tensor] = {}
+            for kind in _KINDS:
+                module = getattr(self, kind)
+                spec = getattr(self.config, kind)
+                entry: dict[str, Any] = {"name": spec.name, "kwargs": spec.kwargs}
+                (tmp / kind).mkdir()
+                load_kwargs = module.save_pretrained(tmp / kind)
+                if load_kwargs is None:
+                    (tmp / kind).rmdir()
+                    tensors.update({f"{kind}.{k}": v for k, v in module.state_dict().items()})
+                else:
+                    entry.update(subfolder=kind, load_kwargs=load_kwargs)
+                components[kind] = entry
+            tensors.update(
+                {f"visual_loss_fn.{k}": v for k, v in self.visual_loss_fn.state_dict().items()}
+            )
+            save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
+            write_json(
+                tmp / CONFIG_NAME,
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "library_version": __version__,
+                    "model": self.config.to_dict(),
+                    "components": components,
+                    "image_start_id": self.backbone.image_start_id,
+                    "image_end_id": self.backbone.image_end_id,
+                    "num_image_tokens": self.num_image_tokens,
+                },
+            )
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MetaMorphModel:
+        """Load a directory written by :meth:`save_pretrained`. ``dtype`` overrides the
+        backbone's recorded dtype."""
+        path = Path(path)
+        meta = read_json(path / CONFIG_NAME)
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: config.json is format {meta.get('format')!r} v{meta.get('format_version')}"
+                f", this metamorph-core reads {FORMAT!r} v{FORMAT_VERSION}"
+            )
+        config = MetaMorphConfig.from_dict(meta["model"])
+        entries = meta["components"]
+        built = {
+            kind: cls._load_component(path, kind, entries[kind], dtype)
+            for kind in _KINDS
+            if "subfolder" in entries[kind] or kind in ("encoder", "backbone")
+        }
+        model = cls._assemble(config, built)
+        in_subfolders = {kind for kind in _KINDS if "subfolder" in entries[kind]}
+        expected = {
+            k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] not in in_subfolders
+        }
+        tensors = load_tensors_strict(path / WEIGHTS_NAME, expected, str(path))
+        model.load_state_dict(tensors, strict=False)
+        for key in ("image_start_id", "image_end_id"):
+            if getattr(model.backbone, key) != meta[key]:
+                raise CheckpointError(
+                    f"{path}: the tokenizer gives {key}={getattr(model.backbone, key)} but the "
+                    f"checkpoint was trained with {meta[key]}; the backbone/ tokenizer was changed"
+                )
+        return model
+
+    @staticmethod
+    def _load_component(
+        path: Path, kind: str, entry: dict[str, Any], dtype: str | None
+    ) -> nn.Module:
+        kwargs = dict(entry["kwargs"])
+        if "subfolder" in entry:
+            sub = path / entry["subfolder"]
+            if not sub.is_dir():
+                raise CheckpointError(
+                    f"{path}: the {kind} subfolder '{entry['subfolder']}/' is missing"
+                )
+            kwargs = {**entry["load_kwargs"], "pretrained": str(sub)}
+        if dtype is not None and kind == "backbone":
+            kwargs["dtype"] = dtype
+        return create(kind, entry["name"], **kwargs)

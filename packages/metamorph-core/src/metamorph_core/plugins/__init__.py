@@ -1,0 +1,1 @@
+"""The plugin system: pluggy hook specs (``hookspecs``) and the component registry (``registry``)."""

@@ -1,0 +1,203 @@
+"""The interleaved sequence builder: a conversation -> ids, labels and image slots.
+
+Every image, in prompts too, becomes ``<image_start>`` + ``num_image_tokens`` slots +
+``<image_end>``. Labels follow the transformers convention (``labels[t]`` is the id at ``t``
+when trained, else ``IGNORE_INDEX``; the model shifts by one). In an assistant turn
+``<image_start>`` and ``<image_end>`` are trained text and the slots are visual targets; in
+any other turn the whole image is context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from metamorph_core.conversation import IMAGE_PLACEHOLDER, ChatTemplate, Conversation
+from metamorph_core.errors import ConversationError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedSample:
+    """One conversation as token ids. ``image_slots[i]`` is the index of image ``i``'s first
+    slot; ``image_targets[i]`` says whether image ``i`` is a generation target."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_slots: list[int]
+    image_targets: list[bool]
+    images: list[Any] = field(default_factory=list)
+    num_image_tokens: int = 0
+    id: str | None = None
+    truncated_tokens: int = 0
+    dropped_images: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class SequenceBuilder:
+    """Renders conversations with a template and the backbone's tokenizer.
+
+    ``max_length``: longest sequence allowed. Longer ones raise, unless ``truncation`` is set:
+    then the sequence is cut at ``max_length`` or, if that falls inside an image, just before
+    that image's ``<image_start>``; cut images are dropped and counted on the sample.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: ChatTemplate,
+        num_image_tokens: int,
+        image_start_id: int,
+        image_end_id: int,
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_id: int = 0,
+    ) -> None:
+        self.tokenizer, self.template = tokenizer, template
+        self.num_image_tokens = num_image_tokens
+        self.image_start_id, self.image_end_id = image_start_id, image_end_id
+        self.max_length, self.truncation, self.pad_id = max_length, truncation, pad_id
+        self._check_template()
+        self._cache: dict[str, list[int]] = {}
+
+    def _check_template(self) -> None:
+        vocab = self.tokenizer.get_vocab()
+        name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+        missing = [t for t in self.template.required_tokens if t not in vocab]
+        if missing:
+            raise ConversationError(
+                f"template '{self.template.name}' needs the tokens {missing}, which tokenizer "
+                f"'{name}' lacks; pick a template that matches the backbone (llama3 for Llama 3, "
+                "chatml for Qwen, plain for anything)"
+            )
+        for literal in ("<image_start>", "<image_end>"):
+            if literal not in vocab:
+                raise ConversationError(
+                    f"tokenizer '{name}' has no {literal} token; build the backbone through "
+                    "metamorph (it adds them) before building sequences"
+                )
+
+    def _tokens(self, text: str) -> list[int]:
+        if text == "<bos>":
+            bos = self.tokenizer.bos_token_id
+            return [] if bos is None else [int(bos)]
+        if text not in self._cache:
+            if "<image_start>" in text or "<image_end>" in text:
+                raise ConversationError(
+                    f"text contains a literal <image_start>/<image_end>: {text[:80]!r}. Write "
+                    f"'{IMAGE_PLACEHOLDER}' where an image stands; the builder wraps every image."
+                )
+            self._cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._cache[text]
+
+    def encode(
+        self, conversation: Conversation, add_generation_prompt: bool = False
+    ) -> EncodedSample:
+        n_placeholders = conversation.num_placeholders
+        if n_placeholders != len(conversation.images):
+            raise ConversationError(
+                f"sample {conversation.id!r}: its text has {n_placeholders} '{IMAGE_PLACEHOLDER}' "
+                f"placeholder(s) but {len(conversation.images)} image(s) were given; they must "
+                "match one to one"
+            )
+        ids: list[int] = []
+        labels: list[int] = []
+        slots: list[int] = []
+        targets: list[bool] = []
+        for text, trained in self.template.pieces(conversation, add_generation_prompt):
+            for j, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if j > 0:  # an image stands before this chunk
+                    ids.append(self.image_start_id)
+                    labels.append(self.image_start_id if trained else IGNORE_INDEX)
+                    slots.append(len(ids))
+                    targets.append(trained)
+                    ids += [self.pad_id] * self.num_image_tokens
+                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                    ids.append(self.image_end_id)
+                    labels.append(self.image_end_id if trained else IGNORE_INDEX)
+                if chunk:
+                    toks = self._tokens(chunk)
+                    ids += toks
+                    labels += toks if trained else [IGNORE_INDEX] * len(toks)
+        sample = EncodedSample(
+            ids,
+            labels,
+            slots,
+            targets,
+            list(conversation.images),
+            self.num_image_tokens,
+            conversation.id,
+        )
+        if self.max_length is not None and len(ids) > self.max_length:
+            if not self.truncation:
+                raise ConversationError(
+                    f"sample {conversation.id!r} is {len(ids)} tokens long, over the maximum "
+                    f"of {self.max_length}; shorten it, raise max_length, or set truncation=True "
+                    "(which never cuts inside an image)"
+                )
+            sample = self._truncate(sample)
+        return sample
+
+    def _truncate(self, s: EncodedSample) -> EncodedSample:
+        assert self.max_length is not None
+        cut = self.max_length
+        for start in s.image_slots:  # the image block spans [start - 1, start + n]
+            if start - 1 < cut <= start + self.num_image_tokens:
+                cut = start - 1
+        keep = [i for i, start in enumerate(s.image_slots) if start + self.num_image_tokens < cut]
+        return EncodedSample(
+            s.input_ids[:cut],
+            s.labels[:cut],
+            [s.image_slots[i] for i in keep],
+            [s.image_targets[i] for i in keep],
+            [s.images[i] for i in keep],
+            s.num_image_tokens,
+            s.id,
+            len(s.input_ids) - cut,
+            len(s.image_slots) - len(keep),
+        )
+
+
+def collate(samples: list[EncodedSample], pad_id: int = 0) -> dict[str, Any]:
+    """Right-pad samples into a batch.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` ``(b, l)``; ``image_slot_mask`` and
+    ``target_slot_mask`` ``(b, l)`` bool; ``images``: every sample's images in order (sample,
+    then appearance), matching the row-major order of ``image_slot_mask``'s image blocks; and
+    ``image_is_target`` ``(n,)`` bool.
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    length = max(len(s) for s in samples)
+    b = len(samples)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    slot_mask = torch.zeros((b, length), dtype=torch.bool)
+    target_mask = torch.zeros((b, length), dtype=torch.bool)
+    images: list[Any] = []
+    is_target: list[bool] = []
+    for i, s in enumerate(samples):
+        n = len(s)
+        input_ids[i, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(s.labels, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        for start, target in zip(s.image_slots, s.image_targets, strict=True):
+            slot_mask[i, start : start + s.num_image_tokens] = True
+            target_mask[i, start : start + s.num_image_tokens] = target
+        images += s.images
+        is_target += s.image_targets
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "image_slot_mask": slot_mask,
+        "target_slot_mask": target_mask,
+        "images": images,
+        "image_is_target": torch.tensor(is_target, dtype=torch.bool),
+    }
