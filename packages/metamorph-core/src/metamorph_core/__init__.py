@@ -24,7 +24,19 @@ _LAZY = {
     "collate": "metamorph_core.sequence",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "ComponentSpec",
+    "Conversation",
+    "MetaMorphConfig",
+    "MetaMorphModel",
+    "SequenceBuilder",
+    "__version__",
+    "collate",
+    "create",
+    "get_registry",
+    "hookimpl",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from metamorph_core.config import ComponentSpec, MetaMorphConfig

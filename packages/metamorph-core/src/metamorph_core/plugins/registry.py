@@ -14,6 +14,7 @@ This module does not import torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata as importlib_metadata
 import os
@@ -302,10 +303,10 @@ class Registry:
                     "also passed; drop one of them"
                 )
         component = entry.load_factory()(**{**kwargs, **fields})
-        try:  # lets a model assembled from objects save which names built its parts
+        # Lets a model assembled from objects record which names built its parts; frozen
+        # objects (templates) refuse attributes and are rebuilt from their name anyway.
+        with contextlib.suppress(AttributeError):
             component.metamorph_spec = {"name": name, "kwargs": dict(kwargs)}
-        except AttributeError:  # frozen objects (templates) are rebuilt from their name anyway
-            pass
         return component
 
     def _check_kind(self, kind: str) -> str:
