@@ -71,9 +71,12 @@ class HFCausalLM(Backbone):
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
         if pretrained is not None:
-            self.lm, info = AutoModelForCausalLM.from_pretrained(
-                str(pretrained), output_loading_info=True, **extra
-            )
+            try:
+                self.lm, info = AutoModelForCausalLM.from_pretrained(
+                    str(pretrained), output_loading_info=True, **extra
+                )
+            except OSError as e:
+                raise CheckpointError(f"backbone: cannot load '{pretrained}': {e}") from e
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
             if strict and bad:
                 raise CheckpointError(

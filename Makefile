@@ -1,0 +1,30 @@
+# Quick start: `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv on first use: torch first (pinned), then the four packages in editable mode,
+# the example plugin packages under examples/, and the dev tools.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.metamorph-installed
+PACKAGES := packages/metamorph-core[lora] packages/metamorph-encoders packages/metamorph-decoders packages/metamorph-train
+EXAMPLE_PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard examples/*/pyproject.toml))
+
+.PHONY: install test demo lint
+
+install: $(STAMP)
+
+$(STAMP): Makefile constraints.txt $(wildcard packages/*/pyproject.toml) $(wildcard examples/*/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -c constraints.txt $(foreach p,$(PACKAGES) $(EXAMPLE_PACKAGES),-e "$(p)") pytest ruff
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

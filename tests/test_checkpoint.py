@@ -1,0 +1,108 @@
+"""save_pretrained / from_pretrained: exact round trips and clear errors for bad directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import generation, text_only, understanding
+from safetensors.torch import load_file, save_file
+
+from metamorph_core import MetaMorphModel
+from metamorph_core.errors import CheckpointError
+
+
+def _trained_a_little(model):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    batch = model.prepare_batch([understanding(), generation()])
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_round_trip_is_exact(make_model, tmp_path, family):
+    model = _trained_a_little(make_model(family))
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["backbone", "config.json", "model.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["components"]["backbone"]["subfolder"] == "backbone"
+    assert config["image_start_id"] == model.backbone.image_start_id
+    loaded = MetaMorphModel.from_pretrained(path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after reload"
+    batch = model.prepare_batch([understanding(), generation(), text_only()])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, loaded(**batch).loss)
+    # the backbone's rows were not re-initialised or resized on reload
+    assert loaded.backbone.lm.get_input_embeddings().weight.shape == (
+        model.backbone.lm.get_input_embeddings().weight.shape
+    )
+
+
+def test_dtype_override_on_load(make_model, tmp_path):
+    path = make_model().save_pretrained(tmp_path / "ckpt")
+    loaded = MetaMorphModel.from_pretrained(path, dtype="bfloat16")
+    assert loaded.backbone.dtype == torch.bfloat16
+
+
+def test_missing_and_extra_weights_are_named(make_model, tmp_path):
+    path = make_model().save_pretrained(tmp_path / "ckpt")
+    weights = load_file(str(path / "model.safetensors"))
+    dropped = next(k for k in weights if k.startswith("head."))
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"Missing weights \(1\): \['{dropped}'\]"):
+        MetaMorphModel.from_pretrained(path)
+    save_file({**weights, "head.bonus": torch.zeros(1)}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected weights \(1\): \['head.bonus'\]"):
+        MetaMorphModel.from_pretrained(path)
+
+
+def test_missing_backbone_weights_or_subfolder(make_model, tmp_path):
+    path = make_model().save_pretrained(tmp_path / "ckpt")
+    import shutil
+
+    bb_file = path / "backbone" / "model.safetensors"
+    bb_weights = load_file(str(bb_file))
+    dropped = sorted(bb_weights)[-1]
+    save_file({k: v for k, v in bb_weights.items() if k != dropped}, str(bb_file), {"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"do not match its config: missing_keys: \['{dropped}'\]"):
+        MetaMorphModel.from_pretrained(path)
+    bb_file.unlink()
+    with pytest.raises(CheckpointError, match="backbone: cannot load .*no file named model.safetensors"):
+        MetaMorphModel.from_pretrained(path)
+    shutil.rmtree(path / "backbone")
+    with pytest.raises(CheckpointError, match="the backbone subfolder 'backbone/' is missing"):
+        MetaMorphModel.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="not a MetaMorph checkpoint: no config.json"):
+        MetaMorphModel.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(make_model, tmp_path, monkeypatch):
+    model = make_model()
+    path = model.save_pretrained(tmp_path / "ckpt")
+    before = (path / "model.safetensors").read_bytes()
+
+    import metamorph_core.model as model_module
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_module, "save_tensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(path)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+    MetaMorphModel.from_pretrained(path)
+
+
+def test_kwargs_must_be_json(make_model, tmp_path):
+    model = make_model()
+    model.config.projector.kwargs["weird"] = object()
+    with pytest.raises(CheckpointError, match="not JSON-serialisable"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,150 @@
+"""The VPiT loss arithmetic, recomputed by hand position by position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import generation, image, text_only, understanding
+
+from metamorph_core.conversation import Conversation, Turn
+from metamorph_core.sequence import IGNORE_INDEX
+
+
+def _trained_text(model, ids, labels) -> str:
+    keep = [int(i) for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    return model.backbone.tokenizer.decode(keep)
+
+
+def test_labels_cover_responses_only_and_images_are_wrapped(make_model):
+    model = make_model()
+    batch = model.prepare_batch([understanding(), generation(), text_only()])
+    tok = model.backbone.tokenizer
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert _trained_text(model, ids[0], labels[0]) == "the shape is red.<|eot_id|>"
+    assert (
+        _trained_text(model, ids[1], labels[1])
+        == "here is an image based on your request: <image_start><image_end><|eot_id|>"
+    )
+    assert _trained_text(model, ids[2], labels[2]) == "five<|eot_id|>"
+    n = model.num_image_tokens
+    start_id, end_id = tok.convert_tokens_to_ids(["<image_start>", "<image_end>"])
+    for b, is_target in ((0, False), (1, True)):
+        slots = batch["image_slot_mask"][b].nonzero().flatten()
+        assert len(slots) == n and (slots.diff() == 1).all()
+        first, last = int(slots[0]), int(slots[-1])
+        # every image, in prompts too, is wrapped in <image_start> ... <image_end>
+        assert ids[b, first - 1] == start_id and ids[b, last + 1] == end_id
+        # slots never carry a text label; the wrapping tokens are trained only in responses
+        assert (labels[b, first : last + 1] == IGNORE_INDEX).all()
+        expect = (start_id, end_id) if is_target else (IGNORE_INDEX, IGNORE_INDEX)
+        assert (int(labels[b, first - 1]), int(labels[b, last + 1])) == expect
+        assert bool(batch["target_slot_mask"][b].any()) == is_target
+    assert not batch["image_slot_mask"][2].any()
+
+
+def test_loss_matches_hand_computation(make_model):
+    torch.manual_seed(0)
+    model = make_model().eval()
+    convs = [understanding(), generation(), text_only()]
+    batch = model.prepare_batch(convs)
+    with torch.no_grad():
+        out = model(**batch)
+
+        # Rebuild the forward pass by hand: encoder -> projector written into each image's slots.
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        enc = model.encoder(batch["pixel_values"])  # (n_images, t, c), normalised
+        assert torch.allclose(enc.norm(dim=-1), torch.ones(enc.shape[:2]), atol=1e-5)
+        embeds = model.backbone.embed(ids).clone()
+        n = model.num_image_tokens
+        starts = {0: [], 1: []}
+        for b in (0, 1):
+            s = int(batch["image_slot_mask"][b].nonzero()[0])
+            starts[b].append(s)
+            embeds[b, s : s + n] = model.projector(enc[b])
+        hidden = model.backbone(embeds, attention_mask=mask).hidden_states
+        logits = model.backbone.logits(hidden)
+
+        # Text: position t-1 predicts label t, response tokens only.
+        total, count = 0.0, 0
+        for b in range(ids.shape[0]):
+            for t in range(1, ids.shape[1]):
+                if labels[b, t] != IGNORE_INDEX:
+                    total -= F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                    count += 1
+        assert count == int(out.text_tokens)
+        assert out.text_loss.item() == pytest.approx(total / count, rel=1e-5)
+
+        # Visual: only the generated image (sample 1); the state at p-1 predicts token p, so the
+        # state at <image_start> predicts the first visual token.
+        s = starts[1][0]
+        assert ids[1, s - 1] == model.backbone.image_start_id
+        vis = [
+            1 - F.cosine_similarity(model.head(hidden[1, s + k - 1]), enc[1, k], dim=0).item()
+            for k in range(n)
+        ]
+        assert int(out.visual_tokens) == n
+        assert out.visual_loss.item() == pytest.approx(sum(vis) / n, rel=1e-5)
+        assert out.loss.item() == pytest.approx(out.text_loss.item() + out.visual_loss.item(), rel=1e-6)
+        assert torch.allclose(out.logits, logits, atol=1e-6)
+
+
+def test_prompt_images_are_context_only(make_model):
+    """Changing the prompt image changes the text loss but adds no visual loss."""
+    model = make_model().eval()
+    a = model(**model.prepare_batch([understanding(0)]))
+    b = model(**model.prepare_batch([understanding(5)]))
+    assert a.visual_loss.item() == 0.0 and int(a.visual_tokens) == 0
+    assert a.text_loss.item() != b.text_loss.item()
+
+
+def test_visual_loss_weight_and_registered_losses(make_model):
+    batch_convs = [generation(), understanding()]
+    base = make_model().eval()
+    out = base(**base.prepare_batch(batch_convs))
+    weighted = make_model(visual_loss_weight=0.25).eval()
+    w = weighted(**weighted.prepare_batch(batch_convs))
+    assert w.loss.item() == pytest.approx(out.text_loss.item() + 0.25 * out.visual_loss.item())
+    for name in ("mse", "l1"):
+        m = make_model(visual_loss=name).eval()
+        o = m(**m.prepare_batch(batch_convs))
+        assert o.visual_loss.item() > 0 and o.visual_loss.item() != out.visual_loss.item()
+
+
+def test_no_target_image_gives_zero_visual_loss_and_touches_head(make_model):
+    model = make_model()
+    out = model(**model.prepare_batch([understanding(), text_only()]))
+    assert out.visual_loss.item() == 0.0 and not torch.isnan(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_mixed_image_counts_per_sample(make_model):
+    """An edit sample with a prompt image and a target image, beside samples with none/one."""
+    model = make_model().eval()
+    edit = Conversation(
+        [Turn("user", "<image>\nmake it blue"), Turn("assistant", "<image>")],
+        [image(3), image(4)],
+        id="edit",
+    )
+    batch = model.prepare_batch([text_only(), edit, generation()])
+    assert batch["pixel_values"].shape[0] == 3
+    out = model(**batch)
+    assert int(out.visual_tokens) == 2 * model.num_image_tokens
+    # Per-sample losses combine into the batch loss as token-weighted means.
+    parts = [model(**model.prepare_batch([c])) for c in (text_only(), edit, generation())]
+    vis = sum(p.visual_loss_sum for p in parts) / sum(p.visual_tokens for p in parts)
+    txt = sum(p.text_loss_sum for p in parts) / sum(p.text_tokens for p in parts)
+    assert out.visual_loss.item() == pytest.approx(vis.item(), rel=1e-5)
+    assert out.text_loss.item() == pytest.approx(txt.item(), rel=1e-5)
+
+
+def test_frozen_encoder_stays_frozen(make_model):
+    model = make_model()
+    model.train()
+    assert not model.encoder.training
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    out = model(**model.prepare_batch([generation()]))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())

@@ -1,0 +1,56 @@
+"""Package boundaries: core stands alone, dependencies point one way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deps(package: str) -> list[str]:
+    data = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+    return data["project"]["dependencies"]
+
+
+def test_core_declares_only_its_minimal_dependencies():
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in _deps("metamorph-core")}
+    assert names == {"torch", "transformers", "pluggy", "einops", "safetensors"}
+    data = tomllib.loads((ROOT / "packages/metamorph-core/pyproject.toml").read_text())
+    assert any(d.startswith("peft") for d in data["project"]["optional-dependencies"]["lora"])
+
+
+def test_packages_declare_compatible_ranges_of_each_other():
+    for package in ("metamorph-encoders", "metamorph-decoders", "metamorph-train"):
+        core = [d for d in _deps(package) if d.startswith("metamorph-core")]
+        assert core == ["metamorph-core>=0.1,<0.2"], package
+    train = _deps("metamorph-train")
+    assert "metamorph-encoders>=0.1,<0.2" in train and "metamorph-decoders>=0.1,<0.2" in train
+
+
+def test_core_never_imports_the_other_packages_or_their_heavy_dependencies():
+    code = (
+        "import sys, torch\n"
+        "import metamorph_core\n"
+        "from metamorph_core import MetaMorphModel, create, get_registry\n"
+        "from metamorph_core.testing import save_tiny_backbone\n"
+        "get_registry().entries()\n"
+        "create('encoder', 'tiny-patch'); create('head', 'mlp2x_gelu', in_dim=4, out_dim=2)\n"
+        "bad = [m for m in ('metamorph_encoders', 'metamorph_decoders', 'metamorph_train',"
+        " 'diffusers', 'timm', 'peft', 'torchvision') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for path in (ROOT / "packages/metamorph-core/src").rglob("*.py"):
+        text = path.read_text()
+        for other in ("metamorph_encoders", "metamorph_decoders", "metamorph_train"):
+            assert f"import {other}" not in text and f"from {other}" not in text, path
+
+
+def test_importing_core_is_cheap():
+    code = "import sys, metamorph_core\nassert 'torch' not in sys.modules\nprint(metamorph_core.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
