@@ -36,7 +36,10 @@ def image(seed: int, size: int = 16) -> torch.Tensor:
 
 def understanding(seed: int = 0) -> Conversation:
     return Conversation(
-        [Turn("user", "<image>\nWhat colour is the shape?"), Turn("assistant", "the shape is red.")],
+        [
+            Turn("user", "<image>\nWhat colour is the shape?"),
+            Turn("assistant", "the shape is red."),
+        ],
         [image(seed)],
         id=f"und-{seed}",
     )
@@ -44,8 +47,10 @@ def understanding(seed: int = 0) -> Conversation:
 
 def generation(seed: int = 1) -> Conversation:
     return Conversation(
-        [Turn("user", "generate an image of a red square"),
-         Turn("assistant", "here is an image based on your request: <image>")],
+        [
+            Turn("user", "generate an image of a red square"),
+            Turn("assistant", "here is an image based on your request: <image>"),
+        ],
         [image(seed)],
         id=f"gen-{seed}",
     )

@@ -68,12 +68,23 @@ def test_kv_cache_matches_full_forward(backbone_dirs):
 def test_explicit_dtype_and_random_init_from_config(backbone_dirs):
     bb16 = create("backbone", "llama", pretrained=str(backbone_dirs["llama"]), dtype="bfloat16")
     assert bb16.dtype == torch.bfloat16
-    cfg = {"model_type": "qwen3", "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    cfg = {
+        "model_type": "qwen3",
+        "vocab_size": 400,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }
     a = create("backbone", "qwen3", config=cfg, tokenizer=str(backbone_dirs["qwen3"]), seed=3)
     b = create("backbone", "qwen3", config=cfg, tokenizer=str(backbone_dirs["qwen3"]), seed=3)
     assert a.dtype == torch.float32 and a.hidden_size == 32
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_backbone_argument_errors(backbone_dirs):

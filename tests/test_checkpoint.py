@@ -27,7 +27,11 @@ def _trained_a_little(model):
 def test_round_trip_is_exact(make_model, tmp_path, family):
     model = _trained_a_little(make_model(family))
     path = model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in path.iterdir()) == ["backbone", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "backbone",
+        "config.json",
+        "model.safetensors",
+    ]
     config = json.loads((path / "config.json").read_text())
     assert config["components"]["backbone"]["subfolder"] == "backbone"
     assert config["image_start_id"] == model.backbone.image_start_id
@@ -70,10 +74,14 @@ def test_missing_backbone_weights_or_subfolder(make_model, tmp_path):
     bb_weights = load_file(str(bb_file))
     dropped = sorted(bb_weights)[-1]
     save_file({k: v for k, v in bb_weights.items() if k != dropped}, str(bb_file), {"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"do not match its config: missing_keys: \['{dropped}'\]"):
+    with pytest.raises(
+        CheckpointError, match=rf"do not match its config: missing_keys: \['{dropped}'\]"
+    ):
         MetaMorphModel.from_pretrained(path)
     bb_file.unlink()
-    with pytest.raises(CheckpointError, match="backbone: cannot load .*no file named model.safetensors"):
+    with pytest.raises(
+        CheckpointError, match="backbone: cannot load .*no file named model.safetensors"
+    ):
         MetaMorphModel.from_pretrained(path)
     shutil.rmtree(path / "backbone")
     with pytest.raises(CheckpointError, match="the backbone subfolder 'backbone/' is missing"):

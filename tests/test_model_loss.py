@@ -85,7 +85,9 @@ def test_loss_matches_hand_computation(make_model):
         ]
         assert int(out.visual_tokens) == n
         assert out.visual_loss.item() == pytest.approx(sum(vis) / n, rel=1e-5)
-        assert out.loss.item() == pytest.approx(out.text_loss.item() + out.visual_loss.item(), rel=1e-6)
+        assert out.loss.item() == pytest.approx(
+            out.text_loss.item() + out.visual_loss.item(), rel=1e-6
+        )
         assert torch.allclose(out.logits, logits, atol=1e-6)
 
 

@@ -25,7 +25,7 @@ from metamorph_core.errors import (
 from metamorph_core.plugins.registry import create, get_registry, reset_registry
 from metamorph_core.testing import tiny_model_config
 
-THIRD_PARTY = '''
+THIRD_PARTY = """
 import torch
 from torch import nn
 from metamorph_core import hookimpl
@@ -42,7 +42,7 @@ class ScaledLinear(Projector):
 @hookimpl
 def register_projectors(register):
     register("scaled-linear", ScaledLinear, description="a third-party projector")
-'''
+"""
 
 
 def make_distribution(site: Path, dist: str, module: str, source: str, ep_name: str) -> None:
@@ -71,8 +71,14 @@ def site(tmp_path, monkeypatch):
 
 def test_first_party_components_come_through_the_entry_point_group(site):
     entries = {(e.kind, e.name): e.distribution for e in get_registry().entries()}
-    for key in [("encoder", "tiny-patch"), ("backbone", "hf-causal-lm"), ("projector", "mlp{depth}x_gelu"),
-                ("head", "mlp"), ("loss", "cosine"), ("template", "llama3")]:
+    for key in [
+        ("encoder", "tiny-patch"),
+        ("backbone", "hf-causal-lm"),
+        ("projector", "mlp{depth}x_gelu"),
+        ("head", "mlp"),
+        ("loss", "cosine"),
+        ("template", "llama3"),
+    ]:
         assert entries[key] == "metamorph-core"
 
 
@@ -80,7 +86,9 @@ def test_third_party_component_by_name_without_editing_our_source(site, backbone
     make_distribution(site, "mm-thirdparty", "mm_thirdparty", THIRD_PARTY, "thirdparty")
     entry, _ = get_registry().get("projector", "scaled-linear")
     assert entry.distribution == "mm-thirdparty"
-    cfg = tiny_model_config(backbone_dirs["llama"], projector={"name": "scaled-linear", "kwargs": {"scale": 3.0}})
+    cfg = tiny_model_config(
+        backbone_dirs["llama"], projector={"name": "scaled-linear", "kwargs": {"scale": 3.0}}
+    )
     model = MetaMorphModel.from_config(cfg)
     assert type(model.projector).__name__ == "ScaledLinear" and model.projector.scale == 3.0
     out = model(**model.prepare_batch([generation()]))
@@ -88,22 +96,37 @@ def test_third_party_component_by_name_without_editing_our_source(site, backbone
     assert model.projector.proj.weight.grad is not None
     # and `metamorph plugins --json` lists it, in a fresh process
     env = {**os.environ, "PYTHONPATH": str(site)}
-    res = subprocess.run([sys.executable, "-m", "metamorph_train.cli", "plugins", "--json"],
-                         capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "metamorph_train.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     rows = json.loads(res.stdout)
-    assert {"kind": "projector", "name": "scaled-linear", "distribution": "mm-thirdparty"}.items() <= next(
-        r for r in rows if r["name"] == "scaled-linear").items()
+    assert {
+        "kind": "projector",
+        "name": "scaled-linear",
+        "distribution": "mm-thirdparty",
+    }.items() <= next(r for r in rows if r["name"] == "scaled-linear").items()
     assert all({"kind", "name", "distribution"} <= set(r) for r in rows)
 
 
 def test_broken_plugin_is_reported_and_skipped(site, monkeypatch):
-    make_distribution(site, "mm-broken", "mm_broken", "raise ImportError('needs libfoo')\n", "broken")
+    make_distribution(
+        site, "mm-broken", "mm_broken", "raise ImportError('needs libfoo')\n", "broken"
+    )
     make_distribution(site, "mm-thirdparty", "mm_thirdparty", THIRD_PARTY, "thirdparty")
-    with pytest.warns(RuntimeWarning, match=r"plugin 'broken' \(distribution 'mm-broken'\) was skipped.*needs libfoo"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"plugin 'broken' \(distribution 'mm-broken'\) was skipped.*needs libfoo",
+    ):
         registry = get_registry()
         registry.entries()
     assert [(f.plugin, f.distribution) for f in registry.failures] == [("broken", "mm-broken")]
-    assert create("projector", "scaled-linear", in_dim=2, out_dim=3).out_dim == 3  # others still work
+    assert (
+        create("projector", "scaled-linear", in_dim=2, out_dim=3).out_dim == 3
+    )  # others still work
     reset_registry()
     monkeypatch.setenv("METAMORPH_STRICT_PLUGINS", "1")
     with pytest.raises(PluginLoadError, match="mm-broken.*needs libfoo.*METAMORPH_STRICT_PLUGINS"):
@@ -157,13 +180,22 @@ def test_load_plugins_environment_filter(site, monkeypatch):
 
 
 def test_duplicates_name_both_distributions(site):
-    make_distribution(site, "mm-copycat", "mm_copycat", '''
+    make_distribution(
+        site,
+        "mm-copycat",
+        "mm_copycat",
+        """
         from metamorph_core import hookimpl
         @hookimpl
         def register_encoders(register):
             register("tiny-patch", lambda **kw: None)
-    ''', "copycat")
-    with pytest.raises(DuplicateComponentError, match="encoder 'tiny-patch' is registered twice: by distribution 'metamorph-core'.*'mm-copycat'"):
+    """,
+        "copycat",
+    )
+    with pytest.raises(
+        DuplicateComponentError,
+        match="encoder 'tiny-patch' is registered twice: by distribution 'metamorph-core'.*'mm-copycat'",
+    ):
         get_registry().entries()
     with pytest.raises(DuplicateComponentError):  # the conflict is reported on every use
         create("encoder", "tiny-patch")
@@ -190,9 +222,14 @@ def test_duplicate_via_alias_or_pattern_and_programmatic_registration(site):
 
 
 def test_unknown_names_list_the_known_ones(site):
-    with pytest.raises(ComponentNotFoundError, match=r"unknown projector 'mlp_huge'. Known projectors: linear, mlp\{depth\}x_gelu"):
+    with pytest.raises(
+        ComponentNotFoundError,
+        match=r"unknown projector 'mlp_huge'. Known projectors: linear, mlp\{depth\}x_gelu",
+    ):
         create("projector", "mlp_huge")
-    with pytest.raises(ComponentNotFoundError, match=r"hf-causal-lm \(aliases: llama, qwen2, qwen3\)"):
+    with pytest.raises(
+        ComponentNotFoundError, match=r"hf-causal-lm \(aliases: llama, qwen2, qwen3\)"
+    ):
         create("backbone", "gpt-7")
     with pytest.raises(ValueError, match="unknown component kind 'widget'"):
         create("widget", "x")
@@ -204,7 +241,11 @@ def test_named_depths_build_the_papers_layer_stacks(site):
     head = create("head", "mlp2x_gelu", in_dim=8, out_dim=4)  # the paper's head: three linears
     assert [type(m).__name__ for m in head.net] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert head.net[-1].out_features == 4
-    assert [type(m).__name__ for m in create("head", "mlp", in_dim=8, out_dim=4).net] == ["Linear", "GELU", "Linear"]
+    assert [type(m).__name__ for m in create("head", "mlp", in_dim=8, out_dim=4).net] == [
+        "Linear",
+        "GELU",
+        "Linear",
+    ]
     out = head(torch.randn(5, 8))
     assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-5)
     with pytest.raises(ValueError, match="fixes depth=2 but depth=3"):
@@ -212,19 +253,29 @@ def test_named_depths_build_the_papers_layer_stacks(site):
 
 
 def test_mismatched_components_name_both_and_both_numbers(site, backbone_dirs):
-    cfg = tiny_model_config(backbone_dirs["llama"], projector={"name": "linear", "kwargs": {"in_dim": 48}})
-    with pytest.raises(ShapeMismatchError, match="encoder 'tiny-patch' gives 24-d tokens but projector 'linear' was built for 48-d"):
+    cfg = tiny_model_config(
+        backbone_dirs["llama"], projector={"name": "linear", "kwargs": {"in_dim": 48}}
+    )
+    with pytest.raises(
+        ShapeMismatchError,
+        match="encoder 'tiny-patch' gives 24-d tokens but projector 'linear' was built for 48-d",
+    ):
         MetaMorphModel.from_config(cfg)
     cfg = tiny_model_config(backbone_dirs["llama"], head={"name": "mlp", "kwargs": {"in_dim": 16}})
-    with pytest.raises(ShapeMismatchError, match="head 'mlp' reads 16-d states but backbone 'hf-causal-lm' has hidden size 32"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match="head 'mlp' reads 16-d states but backbone 'hf-causal-lm' has hidden size 32",
+    ):
         MetaMorphModel.from_config(cfg)
 
 
 def test_cli_help_imports_no_torch():
-    code = ("import sys\nfrom metamorph_train.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "main(['plugins'])\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys\nfrom metamorph_train.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "main(['plugins'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "plugins" in res.stdout and "tiny-patch" in res.stdout

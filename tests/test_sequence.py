@@ -13,8 +13,13 @@ from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder
 
 def _builder(backbone, template="llama3", **kw) -> SequenceBuilder:
     return SequenceBuilder(
-        backbone.tokenizer, create("template", template), 4, backbone.image_start_id,
-        backbone.image_end_id, pad_id=backbone.pad_id, **kw,
+        backbone.tokenizer,
+        create("template", template),
+        4,
+        backbone.image_start_id,
+        backbone.image_end_id,
+        pad_id=backbone.pad_id,
+        **kw,
     )
 
 
@@ -30,9 +35,14 @@ def qwen(backbone_dirs):
 
 def _conv():
     return Conversation(
-        [Turn("user", "<image>\nwhat colour?"), Turn("assistant", "red"),
-         Turn("user", "draw it"), Turn("assistant", "ok <image>")],
-        [image(0), image(1)], id="multi",
+        [
+            Turn("user", "<image>\nwhat colour?"),
+            Turn("assistant", "red"),
+            Turn("user", "draw it"),
+            Turn("assistant", "ok <image>"),
+        ],
+        [image(0), image(1)],
+        id="multi",
     )
 
 
@@ -63,7 +73,11 @@ def test_llama3_render_and_masks(llama):
     assert s.input_ids[0] == llama.tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
     assert s.input_ids.count(s.input_ids[0]) == 1  # one BOS, not two
     # both answers and their <|eot_id|> are trained; the second image's wrap tokens are text
-    assert _spans(llama.tokenizer, s) == ["red<|eot_id|>", "ok <image_start>", "<image_end><|eot_id|>"]
+    assert _spans(llama.tokenizer, s) == [
+        "red<|eot_id|>",
+        "ok <image_start>",
+        "<image_end><|eot_id|>",
+    ]
     assert s.image_targets == [False, True]
     assert len(s.input_ids) == len(s.labels)
 
@@ -71,8 +85,14 @@ def test_llama3_render_and_masks(llama):
 def test_chatml_and_plain(qwen, llama):
     s = _builder(qwen, "chatml").encode(_conv())
     text = qwen.tokenizer.decode(s.input_ids)
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    assert _spans(qwen.tokenizer, s) == ["red<|im_end|>", "ok <image_start>", "<image_end><|im_end|>"]
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    )
+    assert _spans(qwen.tokenizer, s) == [
+        "red<|im_end|>",
+        "ok <image_start>",
+        "<image_end><|im_end|>",
+    ]
     p = _builder(llama, "plain").encode(
         Conversation([Turn("user", "<image>"), Turn("assistant", "a red square")], [image(0)])
     )
@@ -83,13 +103,19 @@ def test_chatml_and_plain(qwen, llama):
 def test_generation_prompt_ends_with_assistant_header(llama):
     b = _builder(llama)
     s = b.encode(Conversation([Turn("user", "draw a cat")]), add_generation_prompt=True)
-    assert llama.tokenizer.decode(s.input_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n")
+    assert llama.tokenizer.decode(s.input_ids).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n"
+    )
     assert all(lab == IGNORE_INDEX for lab in s.labels)
 
 
 def test_image_count_mismatch_names_the_sample(llama):
-    bad = Conversation([Turn("user", "<image> and <image>"), Turn("assistant", "x")], [image(0)], id="s-17")
-    with pytest.raises(ConversationError, match=r"'s-17'.*2 '<image>' placeholder\(s\) but 1 image"):
+    bad = Conversation(
+        [Turn("user", "<image> and <image>"), Turn("assistant", "x")], [image(0)], id="s-17"
+    )
+    with pytest.raises(
+        ConversationError, match=r"'s-17'.*2 '<image>' placeholder\(s\) but 1 image"
+    ):
         _builder(llama).encode(bad)
 
 
@@ -109,7 +135,9 @@ def test_template_needs_its_tokens(backbone_dirs):
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>"
     )
-    with pytest.raises(ConversationError, match=r"template 'llama3' needs the tokens \['<\|begin_of_text"):
+    with pytest.raises(
+        ConversationError, match=r"template 'llama3' needs the tokens \['<\|begin_of_text"
+    ):
         SequenceBuilder(tok, create("template", "llama3"), 4, 1, 2)
     SequenceBuilder(tok, create("template", "plain"), 4, 1, 2)  # plain needs nothing special
     raw = AutoTokenizer.from_pretrained(str(backbone_dirs["llama"]))  # not through metamorph
@@ -120,7 +148,9 @@ def test_template_needs_its_tokens(backbone_dirs):
 def test_over_length_raises_and_truncation_never_cuts_an_image(llama):
     conv = _conv()
     full = _builder(llama).encode(conv)
-    with pytest.raises(ConversationError, match=r"'multi' is \d+ tokens long, over the maximum of 20"):
+    with pytest.raises(
+        ConversationError, match=r"'multi' is \d+ tokens long, over the maximum of 20"
+    ):
         _builder(llama, max_length=20).encode(conv)
     second = full.image_slots[1]
     for limit in range(second - 1, second + 5):  # every cut point up to the end of the block

@@ -178,13 +178,15 @@ class MetaMorphModel(nn.Module):
     def prepare_batch(
         self, conversations: list[Conversation], add_generation_prompt: bool = False
     ) -> dict[str, Any]:
-        """Conversations -> a batch for :meth:`forward` (images preprocessed by the encoder)."""
+        """Conversations -> a batch for :meth:`forward` on the model's device (images
+        preprocessed by the encoder)."""
         samples = [self.sequence_builder.encode(c, add_generation_prompt) for c in conversations]
         batch = collate(samples, pad_id=self.sequence_builder.pad_id)
         images = batch.pop("images")
         if images:
             batch["pixel_values"] = self.encoder.preprocess(images)
-        return batch
+        device = next(self.backbone.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(n, 3, h, w)`` -> ``(n, num_tokens, c)`` encoder tokens (no grad when frozen)."""

@@ -10,6 +10,7 @@ never shrunk: new tokens take padded rows when there are any.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,10 @@ class HFCausalLM(Backbone):
         self.max_length = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self._add_image_tokens()
+        # transformers renamed `past_key_values` to `cache` during 5.x; the old name would be
+        # swallowed by **kwargs and the cache silently ignored, so ask the signature.
+        params = inspect.signature(self.lm.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.image_start_id = self.tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_end_id = self.tokenizer.convert_tokens_to_ids(IMAGE_END)
         self._init_kwargs = {
@@ -155,10 +160,10 @@ class HFCausalLM(Backbone):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
+            **{self._cache_arg: cache},
         )
-        return BackboneOutput(hidden_states=out.last_hidden_state, cache=out.cache)
+        return BackboneOutput(out.last_hidden_state, getattr(out, self._cache_arg, None))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm.get_output_embeddings()(hidden_states)
