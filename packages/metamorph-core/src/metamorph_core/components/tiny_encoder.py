@@ -44,7 +44,7 @@ def to_pixel_batch(images: Any, size: tuple[int, int]) -> torch.Tensor:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim != 3:
                 raise ValueError(f"image {i}: expected an (h, w, c) array, got shape {arr.shape}")
-            img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
         if img.dim() != 3 or img.shape[0] not in (1, 3, 4):
             raise ValueError(
                 f"image {i}: expected a (3, h, w) tensor (1 or 4 channels are converted), got "

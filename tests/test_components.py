@@ -1,0 +1,88 @@
+"""Small components: the tiny encoder, conversations from LLaVA records, batch consistency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import generation, understanding
+from PIL import Image
+
+from metamorph_core import create
+from metamorph_core.conversation import Conversation
+from metamorph_core.errors import ConversationError
+from metamorph_core.testing import check_encoder
+
+
+def test_tiny_encoder_passes_the_conformance_suite():
+    encoder = create(
+        "encoder", "tiny-patch", image_size=16, patch_size=4, hidden_size=8, num_tokens=4
+    )
+    check_encoder(encoder)
+    again = create(
+        "encoder", "tiny-patch", image_size=16, patch_size=4, hidden_size=8, num_tokens=4
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(encoder.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+
+
+def test_tiny_encoder_reads_pil_numpy_and_tensors_of_any_mode():
+    encoder = create("encoder", "tiny-patch", image_size=16, num_tokens=4)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    inputs = [
+        Image.fromarray(rgb),
+        Image.fromarray(rgb).convert("L"),
+        Image.fromarray(rgb).convert("RGBA"),
+        Image.fromarray(rgb).convert("P"),
+        rgb,
+        torch.from_numpy(rgb).permute(2, 0, 1),
+        torch.rand(1, 9, 9),
+    ]
+    pixels = encoder.preprocess(inputs)
+    assert pixels.shape == (len(inputs), 3, 16, 16)
+    assert torch.allclose(pixels[0], pixels[4]) and torch.allclose(pixels[0], pixels[5])
+    with pytest.raises(ValueError, match=r"image 0: expected a \(3, h, w\) tensor.*\(5, 4, 4\)"):
+        encoder.preprocess([torch.rand(5, 4, 4)])
+    with pytest.raises(ValueError, match="square number"):
+        create("encoder", "tiny-patch", num_tokens=10)
+
+
+def test_llava_records_become_conversations():
+    record = {
+        "id": "r1",
+        "image": "cat.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A cat."},
+        ],
+    }
+    conv = Conversation.from_llava(record)
+    assert [t.role for t in conv.turns] == ["user", "assistant"] and conv.images == ["cat.png"]
+    assert Conversation.from_llava(record, images=["pixels"]).images == ["pixels"]
+    with pytest.raises(ConversationError, match="'r2'.*'from'"):
+        Conversation.from_llava({"id": "r2", "conversations": [{"value": "hi"}]})
+
+
+def test_forward_rejects_images_that_do_not_fill_the_slots(make_model):
+    model = make_model()
+    batch = model.prepare_batch([understanding(), generation()])
+    batch["pixel_values"] = batch["pixel_values"][:1]
+    with pytest.raises(ValueError, match=r"8 image slots \(2 images of 4 tokens\) but 1 images"):
+        model(**batch)
+    del batch["pixel_values"]
+    with pytest.raises(ValueError, match="no pixel_values or image_features"):
+        model(**batch)
+
+
+def test_precomputed_image_features_give_the_same_loss(make_model):
+    model = make_model().eval()
+    batch = model.prepare_batch([understanding(), generation()])
+    with torch.no_grad():
+        features = model.encode_images(batch["pixel_values"])
+        a = model(**batch)
+        b = model(
+            **{k: v for k, v in batch.items() if k != "pixel_values"}, image_features=features
+        )
+    assert torch.equal(a.loss, b.loss)
