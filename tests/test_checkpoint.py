@@ -114,3 +114,75 @@ def test_kwargs_must_be_json(make_model, tmp_path):
     with pytest.raises(CheckpointError, match="not JSON-serialisable"):
         model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("variant", "backbone_dtype"),
+    [
+        ("bf16-backbone", torch.bfloat16),
+        ("all-bf16", torch.bfloat16),
+        ("fp32-masters", torch.float32),
+    ],
+)
+def test_bfloat16_models_run_and_round_trip_exactly(
+    tmp_path, backbone_dirs, variant, backbone_dtype
+):
+    from metamorph_core.testing import tiny_model_config
+
+    cfg = tiny_model_config(backbone_dirs["qwen2"])
+    cfg.backbone.kwargs["dtype"] = "bfloat16"  # projector and head stay fp32: a mixed model
+    model = MetaMorphModel.from_config(cfg)
+    if variant == "all-bf16":
+        model = model.to(torch.bfloat16)
+    elif variant == "fp32-masters":
+        model = model.float()
+    batch = model.prepare_batch([understanding(), generation(), text_only()])
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.visual_loss.item() > 0
+    out.loss.backward()
+    loaded = MetaMorphModel.from_pretrained(model.save_pretrained(tmp_path / variant))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert loaded.backbone.dtype == backbone_dtype
+    if variant != "all-bf16":  # .to(bf16) also rounds rotary buffers, which are not weights
+        with torch.no_grad():
+            assert torch.equal(model.eval()(**batch).loss, loaded.eval()(**batch).loss)
+
+
+def test_dtype_override_runs_forward(make_model, tmp_path):
+    path = make_model().save_pretrained(tmp_path / "ckpt")
+    loaded = MetaMorphModel.from_pretrained(path, dtype="bfloat16")
+    out = loaded(**loaded.prepare_batch([understanding(), generation()]))
+    assert torch.isfinite(out.loss)
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(make_model, tmp_path):
+    model = make_model()
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "train_log.txt").write_text("precious")
+    with pytest.raises(
+        CheckpointError, match="refusing to save into .*outdir.*not a metamorph checkpoint"
+    ):
+        model.save_pretrained(tmp_path / "outdir")
+    assert (tmp_path / "outdir" / "train_log.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "empty")  # replacing a checkpoint is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "outdir"]
+
+
+def test_path_and_dtype_objects_in_kwargs_are_saved(backbone_dirs, tmp_path):
+    from metamorph_core import create
+
+    backbone = create("backbone", "llama", pretrained=backbone_dirs["llama"], dtype=torch.float32)
+    encoder = create("encoder", "tiny-patch", image_size=16, hidden_size=24, num_tokens=4)
+    model = MetaMorphModel(
+        encoder,
+        create("projector", "linear", in_dim=24, out_dim=32),
+        backbone,
+        create("head", "mlp", in_dim=32, out_dim=24),
+    )
+    path = model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((path / "config.json").read_text())["components"]["backbone"]["kwargs"]
+    assert saved == {"pretrained": str(backbone_dirs["llama"]), "dtype": "float32"}
+    MetaMorphModel.from_pretrained(path)

@@ -68,12 +68,20 @@ def test_llava_records_become_conversations():
 def test_forward_rejects_images_that_do_not_fill_the_slots(make_model):
     model = make_model()
     batch = model.prepare_batch([understanding(), generation()])
-    batch["pixel_values"] = batch["pixel_values"][:1]
-    with pytest.raises(ValueError, match=r"8 image slots \(2 images of 4 tokens\) but 1 images"):
-        model(**batch)
-    del batch["pixel_values"]
-    with pytest.raises(ValueError, match="no pixel_values or image_features"):
-        model(**batch)
+    one = {**batch, "pixel_values": batch["pixel_values"][:1]}
+    with pytest.raises(
+        ValueError,
+        match=r"8 image slots, i.e. 2 images of 4 tokens of width 24, but the image tokens have shape \(1, 4, 24\)",
+    ):
+        model(**one)
+    features = model.encode_images(batch["pixel_values"])
+    no_pixels = {k: v for k, v in batch.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 24\)"):  # right product, wrong split
+        model(**no_pixels, image_features=features.reshape(1, 8, 24))
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 12\)"):  # wrong width
+        model(**no_pixels, image_features=features[..., :12])
+    with pytest.raises(ValueError, match="neither pixel_values nor image_features"):
+        model(**no_pixels)
 
 
 def test_precomputed_image_features_give_the_same_loss(make_model):

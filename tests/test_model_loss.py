@@ -150,3 +150,58 @@ def test_frozen_encoder_stays_frozen(make_model):
     out = model(**model.prepare_batch([generation()]))
     out.loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_hand_check_prompt_image_then_two_target_images(make_model):
+    """One sample: a prompt image (context), then two generated images; plus a sample with a
+    target image first, so image order across samples and within a sample both matter."""
+    model = make_model().eval()
+    story = Conversation(
+        [Turn("user", "<image>\ndraw two more"), Turn("assistant", "first <image> then <image>")],
+        [image(10), image(11), image(12)],
+        id="story",
+    )
+    batch = model.prepare_batch([generation(13), story])
+    n = model.num_image_tokens
+    with torch.no_grad():
+        out = model(**batch)
+        enc = model.encoder(batch["pixel_values"])  # images in order: 13 | 10, 11, 12
+        embeds = model.backbone.embed(batch["input_ids"]).clone()
+        starts = [(0, int(s)) for s in batch["image_slot_mask"][0].nonzero()[::n].flatten()]
+        starts += [(1, int(s)) for s in batch["image_slot_mask"][1].nonzero()[::n].flatten()]
+        assert len(starts) == 4
+        for i, (b, s) in enumerate(starts):
+            embeds[b, s : s + n] = model.projector(enc[i])
+        hidden = model.backbone(embeds, attention_mask=batch["attention_mask"]).hidden_states
+        targets = [0, 2, 3]  # image 1 (seed 10) is the prompt image of the second sample
+        losses = [
+            1 - F.cosine_similarity(model.head(hidden[b, s + k - 1]), enc[i, k], dim=0).item()
+            for i, (b, s) in enumerate(starts)
+            if i in targets
+            for k in range(n)
+        ]
+    assert int(out.visual_tokens) == 3 * n
+    assert out.visual_loss.item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_text_only_batch_keeps_projector_and_head_in_the_graph(make_model):
+    model = make_model()
+    out = model(**model.prepare_batch([text_only()]))
+    out.loss.backward()
+    assert out.visual_loss.item() == 0.0
+    for part in (model.projector, model.head):
+        assert all(p.grad is not None and not p.grad.any() for p in part.parameters())
+
+
+def test_prompt_and_target_images_mixed_in_one_batch(make_model):
+    model = make_model().eval()
+    out = model(**model.prepare_batch([understanding(), generation(), understanding(3)]))
+    assert int(out.visual_tokens) == model.num_image_tokens
+
+
+def test_unfrozen_encoder_trains(make_model):
+    model = make_model(freeze_encoder=False)
+    model.train()
+    assert model.encoder.training
+    model(**model.prepare_batch([generation()])).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())

@@ -131,6 +131,8 @@ def test_broken_plugin_is_reported_and_skipped(site, monkeypatch):
     monkeypatch.setenv("METAMORPH_STRICT_PLUGINS", "1")
     with pytest.raises(PluginLoadError, match="mm-broken.*needs libfoo.*METAMORPH_STRICT_PLUGINS"):
         get_registry().entries()
+    with pytest.raises(PluginLoadError):  # and on every later use, never a half-loaded registry
+        create("encoder", "tiny-patch")
 
 
 def test_plugin_failing_during_registration_or_validation_is_rolled_back(site):
@@ -175,7 +177,9 @@ def test_load_plugins_environment_filter(site, monkeypatch):
     assert "tiny-patch" in get_registry().names("encoder")
     reset_registry()
     monkeypatch.setenv("METAMORPH_LOAD_PLUGINS", "")
-    with pytest.raises(ComponentNotFoundError, match="Known encoders: none"):
+    with pytest.raises(
+        ComponentNotFoundError, match="Known encoders: none.*METAMORPH_LOAD_PLUGINS='' limits"
+    ):
         create("encoder", "tiny-patch")
 
 
@@ -216,9 +220,26 @@ def test_duplicate_via_alias_or_pattern_and_programmatic_registration(site):
 
     with pytest.raises(DuplicateComponentError, match="'qwen2'.*'metamorph-core'.*'their-dist'"):
         registry.register_plugin(Alias(), name="alias", distribution="their-dist")
+
+    class OverlappingPattern:
+        @hookimpl
+        def register_heads(self, register):
+            register("mlp{layers}x_gelu", lambda **kw: None)
+
+    class StringAliases:
+        @hookimpl
+        def register_heads(self, register):
+            register("my-head", lambda **kw: None, aliases="myhead")
+
     with pytest.raises(DuplicateComponentError, match="'mlp7x_gelu'"):
         registry.register_plugin(Pattern(), name="pattern", distribution="their-dist")
-    assert "my-lm" not in registry.names("backbone")
+    with pytest.raises(DuplicateComponentError, match=r"'mlp\{layers\}x_gelu'.*'metamorph-core'"):
+        registry.register_plugin(OverlappingPattern(), name="overlap", distribution="their-dist")
+    with pytest.warns(
+        RuntimeWarning, match=r"aliases must be a list or tuple.*aliases=\('myhead',\)"
+    ):
+        registry.register_plugin(StringAliases(), name="str-alias", distribution="their-dist")
+    assert "my-lm" not in registry.names("backbone") and "my-head" not in registry.names("head")
 
 
 def test_unknown_names_list_the_known_ones(site):

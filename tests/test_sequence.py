@@ -161,3 +161,25 @@ def test_over_length_raises_and_truncation_never_cuts_an_image(llama):
         assert len(t.images) == 1
     kept = _builder(llama, max_length=second + 5, truncation=True).encode(conv)
     assert kept.image_slots == full.image_slots and kept.dropped_images == 0
+
+
+def test_truncation_that_leaves_nothing_to_train_or_cuts_a_prompt_is_an_error(llama):
+    conv = Conversation([Turn("user", "a long question " * 8), Turn("assistant", "yes")], id="q")
+    with pytest.raises(
+        ConversationError, match="'q': truncating it to 12 tokens leaves no trained token"
+    ):
+        _builder(llama, max_length=12, truncation=True).encode(conv)
+    prompt = Conversation([Turn("user", "a long question " * 8)], id="p")
+    with pytest.raises(
+        ConversationError,
+        match=r"'p' is \d+ tokens long, over the maximum of 12; shorten it or raise max_length$",
+    ):
+        _builder(llama, max_length=12, truncation=True).encode(prompt, add_generation_prompt=True)
+
+
+def test_truncation_is_logged(llama, caplog):
+    conv = _conv()
+    full = _builder(llama).encode(conv)
+    with caplog.at_level("WARNING", logger="metamorph"):
+        _builder(llama, max_length=full.image_slots[1], truncation=True).encode(conv)
+    assert "sample 'multi' truncated" in caplog.text and "1 image(s) cut" in caplog.text

@@ -20,14 +20,39 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def is_checkpoint(path: Path, fmt: str) -> bool:
+    """Whether ``path`` holds a ``config.json`` of format ``fmt``."""
+    try:
+        return json.loads((path / CONFIG_NAME).read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, fmt: str) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path``.
 
-    A crash leaves ``path`` as it was (the temporary directory is removed), so no partial
-    checkpoint ever looks complete.
+    ``path`` may be missing, empty, or an earlier checkpoint of format ``fmt``; anything else
+    is refused, so saving never deletes a user's other files. A failure at any point leaves
+    ``path`` as it was and removes the temporary directory.
     """
     path = Path(path)
+    if path.exists() and not (
+        path.is_dir() and (not any(path.iterdir()) or is_checkpoint(path, fmt))
+    ):
+        raise CheckpointError(
+            f"refusing to save into '{path}': it exists and is not a {fmt} checkpoint (saving "
+            "replaces the whole directory); pick a new or empty directory"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -41,7 +66,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if old is not None:
+                old.rename(path)
+            raise
+        _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:
@@ -49,9 +80,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"{type(value).__name__} {value!r}")
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     try:
-        text = json.dumps(data, indent=2, sort_keys=True)
+        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)
     except TypeError as e:
         raise CheckpointError(
             f"cannot write {path.name}: a value is not JSON-serialisable ({e}); pass component "

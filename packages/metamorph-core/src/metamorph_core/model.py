@@ -30,6 +30,7 @@ from metamorph_core.checkpoint import (
 )
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
 from metamorph_core.conversation import Conversation
+from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.interfaces import Backbone, Projector, VisionEncoder, VisionHead, VisualLoss
 from metamorph_core.plugins.registry import create
@@ -54,6 +55,11 @@ class MetaMorphOutput:
     visual_tokens: torch.Tensor
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
 
 
 def _spec_of(component: nn.Module, kind: str) -> ComponentSpec:
@@ -87,8 +93,8 @@ class MetaMorphModel(nn.Module):
             config = MetaMorphConfig(**specs)
         self.config = config
         self._check_shapes()
+        self.encoder.requires_grad_(not config.freeze_encoder)
         if config.freeze_encoder:
-            self.encoder.requires_grad_(False)
             self.encoder.eval()
         template = create("template", config.template.name, **config.template.kwargs)
         max_length = config.max_length or backbone.max_length
@@ -212,24 +218,24 @@ class MetaMorphModel(nn.Module):
         """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` ``(n, 3, h,
         w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order."""
         embeds = self.backbone.embed(input_ids)
+        proj_dtype, head_dtype = _dtype_of(self.projector), _dtype_of(self.head)
         tokens = None
         if image_slot_mask is not None and bool(image_slot_mask.any()):
-            tokens = image_features if image_features is not None else None
-            if tokens is None:
-                if pixel_values is None:
-                    raise ValueError(
-                        "the batch has image slots but no pixel_values or image_features"
-                    )
-                tokens = self.encode_images(pixel_values)
-            n_slots = int(image_slot_mask.sum())
-            if tokens.shape[0] * tokens.shape[1] != n_slots:
+            if image_features is not None:
+                tokens = image_features.to(embeds.device)
+            elif pixel_values is not None:
+                tokens = self.encode_images(pixel_values.to(embeds.device))
+            else:
                 raise ValueError(
-                    f"the batch has {n_slots} image slots ({n_slots // self.num_image_tokens} "
-                    f"images of {self.num_image_tokens} tokens) but {tokens.shape[0]} images of "
-                    f"{tokens.shape[1]} tokens were given"
+                    "the batch has image slots but neither pixel_values nor image_features; "
+                    "build batches with model.prepare_batch or pass the images' features"
                 )
-            proj = self.projector(tokens.to(self._projector_dtype()))  # (n, t, d)
+            self._check_tokens(tokens, int(image_slot_mask.sum()))
+            proj = self.projector(tokens.to(proj_dtype))  # (n, t, d)
             embeds = embeds.masked_scatter(image_slot_mask.unsqueeze(-1), proj.to(embeds.dtype))
+        else:  # no image: the projector stays in the graph with a zero contribution (DDP)
+            unused = self.projector(embeds.new_zeros(1, self.projector.in_dim, dtype=proj_dtype))
+            embeds = embeds + unused.sum().to(embeds.dtype) * 0.0
         hidden = self.backbone(
             embeds, attention_mask=attention_mask, position_ids=position_ids
         ).hidden_states  # (b, l, d), after the final norm
@@ -250,13 +256,14 @@ class MetaMorphModel(nn.Module):
         vis_sum, vis_count = zero, zero
         if target_slot_mask is not None and tokens is not None and bool(target_slot_mask.any()):
             assert image_slot_mask is not None
-            pred = self.head(hidden[:, :-1][target_slot_mask[:, 1:]])  # (t, c): state t-1 -> t
+            states = hidden[:, :-1][target_slot_mask[:, 1:]]  # (t, d): state t-1 predicts t
+            pred = self.head(states.to(head_dtype))  # (t, c)
             flat = tokens.reshape(-1, tokens.shape[-1])  # (n * num_tokens, c), slot order
             target = flat[target_slot_mask[image_slot_mask]].detach()
             vis_sum = self.visual_loss_fn(pred, target).sum()
             vis_count = target_slot_mask.sum().to(torch.float32)
         else:  # no target image: loss 0, but the head stays in the graph (DDP sees every param)
-            vis_sum = self.head(hidden[:, :1]).sum() * 0.0
+            vis_sum = self.head(hidden[:, :1].to(head_dtype)).float().sum() * 0.0
 
         text_loss = text_sum / text_count.clamp(min=1)
         visual_loss = vis_sum / vis_count.clamp(min=1)
@@ -266,16 +273,22 @@ class MetaMorphModel(nn.Module):
             loss, text_loss, visual_loss, text_sum, text_count, vis_sum, vis_count, logits, hidden
         )
 
-    def _projector_dtype(self) -> torch.dtype:
-        p = next(self.projector.parameters(), None)
-        return p.dtype if p is not None else torch.float32
+    def _check_tokens(self, tokens: torch.Tensor, n_slots: int) -> None:
+        n, c = self.num_image_tokens, self.encoder.hidden_size
+        want = (n_slots // n, n, c)
+        if tokens.dim() != 3 or tuple(tokens.shape) != want:
+            raise ValueError(
+                f"the batch has {n_slots} image slots, i.e. {want[0]} images of {n} tokens of "
+                f"width {c}, but the image tokens have shape {tuple(tokens.shape)}; pass one "
+                "image per <image> placeholder, in order, encoded by this model's encoder"
+            )
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ a subfolder per component that
         saves itself, e.g. ``backbone/`` in transformers format), atomically."""
         path = Path(path)
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, FORMAT) as tmp:
             components: dict[str, Any] = {}
             tensors: dict[str, torch.Tensor] = {}
             for kind in _KINDS:
@@ -287,6 +300,8 @@ class MetaMorphModel(nn.Module):
                 if load_kwargs is None:
                     (tmp / kind).rmdir()
                     tensors.update({f"{kind}.{k}": v for k, v in module.state_dict().items()})
+                    if next(module.parameters(), None) is not None:
+                        entry["dtype"] = dtype_name(_dtype_of(module))
                 else:
                     entry.update(subfolder=kind, load_kwargs=load_kwargs)
                 components[kind] = entry
@@ -332,6 +347,10 @@ class MetaMorphModel(nn.Module):
         expected = {
             k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] not in in_subfolders
         }
+        for kind in _KINDS:  # components kept in model.safetensors come back in their dtype
+            if "dtype" in entries[kind]:
+                getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
+        expected = {k: v for k, v in model.state_dict().items() if k in expected}
         tensors = load_tensors_strict(path / WEIGHTS_NAME, expected, str(path))
         model.load_state_dict(tensors, strict=False)
         for key in ("image_start_id", "image_end_id"):

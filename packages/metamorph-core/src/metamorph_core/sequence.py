@@ -9,6 +9,8 @@ any other turn the whole image is context.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from metamorph_core.conversation import IMAGE_PLACEHOLDER, ChatTemplate, Convers
 from metamorph_core.errors import ConversationError
 
 IGNORE_INDEX = -100
+logger = logging.getLogger("metamorph")
 
 
 @dataclass
@@ -63,7 +66,8 @@ class SequenceBuilder:
         self.image_start_id, self.image_end_id = image_start_id, image_end_id
         self.max_length, self.truncation, self.pad_id = max_length, truncation, pad_id
         self._check_template()
-        self._cache: dict[str, list[int]] = {}
+        # Template pieces repeat in every sample; a bounded cache keeps memory flat over corpora.
+        self._tokenize = functools.lru_cache(maxsize=4096)(self._tokenize_uncached)
 
     def _check_template(self) -> None:
         vocab = self.tokenizer.get_vocab()
@@ -82,18 +86,19 @@ class SequenceBuilder:
                     "metamorph (it adds them) before building sequences"
                 )
 
-    def _tokens(self, text: str) -> list[int]:
+    def _tokens(self, text: str) -> tuple[int, ...]:
         if text == "<bos>":
             bos = self.tokenizer.bos_token_id
-            return [] if bos is None else [int(bos)]
-        if text not in self._cache:
-            if "<image_start>" in text or "<image_end>" in text:
-                raise ConversationError(
-                    f"text contains a literal <image_start>/<image_end>: {text[:80]!r}. Write "
-                    f"'{IMAGE_PLACEHOLDER}' where an image stands; the builder wraps every image."
-                )
-            self._cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._cache[text]
+            return () if bos is None else (int(bos),)
+        return self._tokenize(text)
+
+    def _tokenize_uncached(self, text: str) -> tuple[int, ...]:
+        if "<image_start>" in text or "<image_end>" in text:
+            raise ConversationError(
+                f"text contains a literal <image_start>/<image_end>: {text[:80]!r}. Write "
+                f"'{IMAGE_PLACEHOLDER}' where an image stands; the builder wraps every image."
+            )
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(
         self, conversation: Conversation, add_generation_prompt: bool = False
@@ -123,7 +128,7 @@ class SequenceBuilder:
                 if chunk:
                     toks = self._tokens(chunk)
                     ids += toks
-                    labels += toks if trained else [IGNORE_INDEX] * len(toks)
+                    labels += toks if trained else (IGNORE_INDEX,) * len(toks)
         sample = EncodedSample(
             ids,
             labels,
@@ -134,13 +139,29 @@ class SequenceBuilder:
             conversation.id,
         )
         if self.max_length is not None and len(ids) > self.max_length:
-            if not self.truncation:
+            if not self.truncation or add_generation_prompt:
                 raise ConversationError(
                     f"sample {conversation.id!r} is {len(ids)} tokens long, over the maximum "
-                    f"of {self.max_length}; shorten it, raise max_length, or set truncation=True "
-                    "(which never cuts inside an image)"
+                    f"of {self.max_length}; shorten it or raise max_length"
+                    + (
+                        ""
+                        if add_generation_prompt
+                        else ", or set truncation=True (which never cuts inside an image)"
+                    )
                 )
             sample = self._truncate(sample)
+            if all(lab == IGNORE_INDEX for lab in sample.labels):
+                raise ConversationError(
+                    f"sample {conversation.id!r}: truncating it to {self.max_length} tokens "
+                    "leaves no trained token; raise max_length or drop the sample"
+                )
+            logger.warning(
+                "sample %r truncated to %d tokens: %d tokens and %d image(s) cut",
+                conversation.id,
+                len(sample),
+                sample.truncated_tokens,
+                sample.dropped_images,
+            )
         return sample
 
     def _truncate(self, s: EncodedSample) -> EncodedSample:

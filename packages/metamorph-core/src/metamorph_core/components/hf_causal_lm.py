@@ -16,25 +16,12 @@ from typing import Any
 
 import torch
 
+from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
 from metamorph_core.interfaces import Backbone, BackboneOutput
 
 IMAGE_START = "<image_start>"
 IMAGE_END = "<image_end>"
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in _DTYPES.items() if v == dtype)
 
 
 class HFCausalLM(Backbone):
@@ -106,7 +93,6 @@ class HFCausalLM(Backbone):
         self.image_start_id = self.tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_end_id = self.tokenizer.convert_tokens_to_ids(IMAGE_END)
         self._init_kwargs = {
-            "dtype": dtype_name(torch_dtype),
             "trust_remote_code": trust_remote_code,
             "attn_implementation": attn_implementation,
         }
@@ -122,11 +108,10 @@ class HFCausalLM(Backbone):
         self.tokenizer.add_tokens(
             [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
         )
-        n_after = len(self.tokenizer)
-        emb = self.lm.get_input_embeddings()
-        if n_after > emb.num_embeddings:  # only ever grow; padded matrices keep their rows
-            self.lm.resize_token_embeddings(n_after, mean_resizing=False)
-        new_ids = list(range(n_before, n_after))
+        new_ids = self.tokenizer.convert_tokens_to_ids(missing)
+        rows = self.lm.get_input_embeddings().num_embeddings
+        if max(new_ids) >= rows:  # only ever grow; padded matrices keep their rows
+            self.lm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
         with torch.no_grad():
             w_in = self.lm.get_input_embeddings().weight
             w_in[new_ids] = w_in[:n_before].mean(dim=0, keepdim=True)
@@ -174,4 +159,4 @@ class HFCausalLM(Backbone):
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         self.lm.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
-        return {**self._init_kwargs, "strict": True}
+        return {**self._init_kwargs, "dtype": dtype_name(self.dtype), "strict": True}

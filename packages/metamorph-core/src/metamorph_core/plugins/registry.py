@@ -93,6 +93,11 @@ def _allowed_plugins() -> set[str] | None:
     return {p.strip() for p in value.split(",") if p.strip()}
 
 
+def _example(name: str) -> str:
+    """A concrete name that a ``{field}`` name accepts (``mlp{depth}x_gelu`` -> ``mlp2x_gelu``)."""
+    return _FIELD.sub("2", name)
+
+
 def _name_pattern(name: str) -> re.Pattern[str] | None:
     """``mlp{depth}x_gelu`` -> a regex with an integer group ``depth``; ``None`` for plain names."""
     parts = _FIELD.split(name)  # literal, field, literal, field, ...
@@ -114,7 +119,7 @@ class Registry:
         self._failures: list[PluginFailure] = []
         self._load_entry_points = load_entry_points
         self._loaded = False
-        self._load_error: DuplicateComponentError | None = None
+        self._load_error: DuplicateComponentError | PluginLoadError | None = None
         self._lock = threading.RLock()
 
     # -- loading ---------------------------------------------------------------------------
@@ -128,8 +133,8 @@ class Registry:
             if self._load_entry_points:
                 try:
                     self._load_from_entry_points()
-                except DuplicateComponentError as e:
-                    self._load_error = e  # every later use reports the same conflict
+                except (DuplicateComponentError, PluginLoadError) as e:
+                    self._load_error = e  # every later use reports the same problem
                     raise
 
     def _load_from_entry_points(self) -> None:
@@ -228,6 +233,11 @@ class Registry:
         ) -> None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{kind} names must be non-empty strings, got {name!r}")
+            if isinstance(aliases, str):
+                raise ValueError(
+                    f"{kind} '{name}': aliases must be a list or tuple of names, got the "
+                    f"string {aliases!r}; write aliases=({aliases!r},)"
+                )
             entry = ComponentEntry(
                 kind,
                 name,
@@ -239,8 +249,12 @@ class Registry:
                 _name_pattern(name),
             )
             for other in self._entries[kind]:
-                clash = [n for n in (name, *entry.aliases) if other.match(n) is not None]
-                clash += [n for n in (other.name, *other.aliases) if entry.match(n) is not None]
+                # A `{field}` name is compared through an example (fields set to 2), so two
+                # patterns that accept the same names clash too.
+                clash = [n for n in (name, *entry.aliases) if other.match(_example(n)) is not None]
+                clash += [
+                    n for n in (other.name, *other.aliases) if entry.match(_example(n)) is not None
+                ]
                 if clash:
                     raise DuplicateComponentError(
                         f"{kind} '{clash[0]}' is registered twice: by distribution "
@@ -284,8 +298,14 @@ class Registry:
             for e in self.entries(kind)
         )
         hint = ""
+        allowed = _allowed_plugins()
+        if allowed is not None:
+            hint += (
+                f" METAMORPH_LOAD_PLUGINS={os.environ['METAMORPH_LOAD_PLUGINS']!r} limits loading "
+                "to those entry points ('core' provides metamorph-core's own components)."
+            )
         if self._failures:
-            hint = " Skipped plugins: " + "; ".join(
+            hint += " Skipped plugins: " + "; ".join(
                 f"'{f.plugin}' ({f.distribution}): {f.error}" for f in self._failures
             )
         raise ComponentNotFoundError(
