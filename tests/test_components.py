@@ -43,7 +43,9 @@ def test_tiny_encoder_reads_pil_numpy_and_tensors_of_any_mode():
     pixels = encoder.preprocess(inputs)
     assert pixels.shape == (len(inputs), 3, 16, 16)
     assert torch.allclose(pixels[0], pixels[4]) and torch.allclose(pixels[0], pixels[5])
-    with pytest.raises(ValueError, match=r"image 0: expected a \(3, h, w\) tensor.*\(5, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"image 0: expected \(c, h, w\) with 1, 3 or 4 channels.*\(5, 4, 4\)"
+    ):
         encoder.preprocess([torch.rand(5, 4, 4)])
     with pytest.raises(ValueError, match="square number"):
         create("encoder", "tiny-patch", num_tokens=10)

@@ -40,6 +40,11 @@ class VisionEncoder(Component, ABC):
     hidden_size: int
     num_tokens: int
     image_size: tuple[int, int]  # (height, width) of :meth:`preprocess` output
+    frozen: bool = False
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """A frozen encoder stays in eval mode (dropout off, norms fixed) whatever ``mode``."""
+        return super().train(mode and not self.frozen)
 
     @abstractmethod
     def preprocess(self, images: Any) -> torch.Tensor:

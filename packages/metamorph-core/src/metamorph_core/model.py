@@ -93,6 +93,8 @@ class MetaMorphModel(nn.Module):
             config = MetaMorphConfig(**specs)
         self.config = config
         self._check_shapes()
+        # The model's setting wins over the encoder's own default (its train() honours it).
+        self.encoder.frozen = config.freeze_encoder
         self.encoder.requires_grad_(not config.freeze_encoder)
         if config.freeze_encoder:
             self.encoder.eval()
@@ -170,12 +172,6 @@ class MetaMorphModel(nn.Module):
         loss = create("loss", config.visual_loss.name, **config.visual_loss.kwargs)
         return cls(**built, visual_loss=loss, config=config)  # type: ignore[arg-type]
 
-    def train(self, mode: bool = True) -> MetaMorphModel:
-        super().train(mode)
-        if self.config.freeze_encoder:
-            self.encoder.eval()
-        return self
-
     # -- data --------------------------------------------------------------------------------
     @property
     def num_image_tokens(self) -> int:
@@ -196,10 +192,8 @@ class MetaMorphModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(n, 3, h, w)`` -> ``(n, num_tokens, c)`` encoder tokens (no grad when frozen)."""
-        if self.config.freeze_encoder:
-            with torch.no_grad():
-                return self.encoder(pixel_values)
-        return self.encoder(pixel_values)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            return self.encoder(pixel_values)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(

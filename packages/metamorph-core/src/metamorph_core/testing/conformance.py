@@ -1,31 +1,82 @@
-"""Conformance checks that any component plugin can run in its own tests."""
+"""Conformance checks that any component plugin can run in its own tests::
+
+from metamorph_core.testing import check_encoder
+check_encoder(create("encoder", "my-encoder", ...))
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from metamorph_core.interfaces import VisionEncoder
 
 
-def check_encoder(encoder: VisionEncoder, batch_size: int = 2, atol: float = 1e-6) -> None:
-    """Assert that ``encoder`` honours the :class:`VisionEncoder` contract: declared shapes,
-    determinism, frozen parameters, L2-normalised tokens (when it normalises)."""
+def _sample_images(h: int, w: int) -> list[object]:
+    """Mixed kinds and sizes: float and uint8 tensors, grayscale, HWC arrays, PIL (if present)."""
+    g = torch.Generator().manual_seed(0)
+    images: list[object] = [
+        torch.rand(3, h + 3, w + 5, generator=g),
+        (torch.rand(3, max(4, h // 2), max(4, w // 2), generator=g) * 255).to(torch.uint8),
+        torch.rand(1, h, w, generator=g),
+        (torch.rand(h, w + 1, 3, generator=g) * 255).to(torch.uint8).numpy(),
+    ]
+    try:
+        from PIL import Image
+
+        rgba = (torch.rand(h, w, 4, generator=g) * 255).to(torch.uint8).numpy()
+        images += [Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[..., 0], "L").convert("P")]
+    except ImportError:
+        pass
+    return images
+
+
+def check_encoder(encoder: VisionEncoder, atol: float = 1e-5) -> None:
+    """Assert that ``encoder`` honours the :class:`VisionEncoder` contract: declared shapes;
+    preprocessing of mixed kinds, modes and sizes; clear errors on bad input; determinism;
+    frozen = no grads, eval mode, no autograd graph; float32/bfloat16 weights both give finite
+    tokens of the declared shape; L2-normalised tokens when the encoder normalises."""
     assert isinstance(encoder, VisionEncoder), f"{type(encoder).__name__} is not a VisionEncoder"
     for attr in ("hidden_size", "num_tokens", "image_size"):
         assert hasattr(encoder, attr), f"encoder must declare {attr}"
     h, w = encoder.image_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(batch_size, 3, h + 3, w + 5, generator=g)  # off-size: preprocess resizes
+    images = _sample_images(h, w)
     pixels = encoder.preprocess(images)
-    assert pixels.shape[0] == batch_size and pixels.shape[1] == 3, f"preprocess gave {pixels.shape}"
+    assert tuple(pixels.shape) == (len(images), 3, h, w), f"preprocess gave {tuple(pixels.shape)}"
+    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
+    try:
+        encoder.preprocess([torch.rand(5, h, w)])
+    except ValueError as e:
+        assert "5" in str(e), f"the error for a 5-channel image should say what it got: {e}"
+    else:
+        raise AssertionError("preprocess accepted a 5-channel image")
+
     with torch.no_grad():
         a, b = encoder(pixels), encoder(pixels)
-    want = (batch_size, encoder.num_tokens, encoder.hidden_size)
+    want = (len(images), encoder.num_tokens, encoder.hidden_size)
     assert tuple(a.shape) == want, f"encoder output {tuple(a.shape)}, declared {want}"
     assert torch.allclose(a, b, atol=atol), "encoder is not deterministic in eval mode"
     assert torch.isfinite(a).all(), "encoder output has NaN/inf"
     if getattr(encoder, "normalize", True):
         norms = a.float().norm(dim=-1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4), "tokens not L2-normalised"
-    if getattr(encoder, "frozen", True) and any(True for _ in encoder.parameters()):
-        assert not any(p.requires_grad for p in encoder.parameters()), "frozen encoder has grads"
+
+    if encoder.frozen:
+        params = list(encoder.parameters())
+        assert not any(p.requires_grad for p in params), "frozen encoder has trainable parameters"
+        was_training = encoder.training
+        encoder.train()
+        assert not encoder.training, "frozen encoder left eval mode on train()"
+        encoder.train(was_training)
+        with torch.enable_grad():
+            assert encoder(pixels[:1]).grad_fn is None, "frozen encoder built an autograd graph"
+
+    low = copy.deepcopy(encoder).to(torch.bfloat16)
+    with torch.no_grad():
+        out = low(pixels)  # float32 pixels into bfloat16 weights
+    assert tuple(out.shape) == want and torch.isfinite(out.float()).all(), "bfloat16 weights failed"
+    cos = torch.nn.functional.cosine_similarity(out.float(), a.float(), dim=-1)
+    assert cos.mean() > 0.95, (
+        f"bfloat16 tokens disagree with float32 (mean cosine {cos.mean():.3f})"
+    )

@@ -1,0 +1,123 @@
+"""Shared behaviour of patch-grid vision encoders: layer choice, prefix-token dropping, grid
+reduction, L2 normalisation and freezing. A concrete encoder supplies the backbone call."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from metamorph_core.dtypes import dtype_name, resolve_dtype
+from metamorph_core.interfaces import VisionEncoder
+from metamorph_core.vision import REDUCTIONS, reduce_grid
+from metamorph_encoders.transforms import ImageTransform
+
+
+class GridEncoder(VisionEncoder):
+    """A ViT-style encoder whose chosen layer holds ``prefix + h*w`` tokens.
+
+    Options (every encoder): ``layer`` (hidden-state index: 0 = embeddings, ``i`` = output of
+    block ``i``, ``-1`` = last block, *before* any final norm), ``drop_prefix_tokens`` (class /
+    register tokens), ``num_tokens`` and ``reduction`` (``interpolate`` as the paper,
+    ``avgpool``, ``none``), ``normalize`` (L2, default on), ``frozen`` (default on: no grads,
+    eval mode, run under no-grad). Tokens are returned in float32.
+    """
+
+    def _setup(
+        self,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        grid: tuple[int, int],
+        num_prefix_tokens: int,
+        transform: ImageTransform,
+        layer: int,
+        num_tokens: int | None,
+        reduction: str,
+        normalize: bool,
+        frozen: bool,
+        drop_prefix_tokens: bool,
+        dtype: str | torch.dtype,
+        name: str,
+    ) -> None:
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"encoder '{name}': layer {layer} is out of range; this model has {num_layers} "
+                f"blocks, so layer must be in [{-(num_layers + 1)}, {num_layers}] (0 is the "
+                "embeddings, -1 the last block)"
+            )
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"encoder '{name}': unknown reduction '{reduction}'; use one of {REDUCTIONS}"
+            )
+        if not drop_prefix_tokens and reduction != "none":
+            raise ValueError(
+                f"encoder '{name}': keeping prefix (class/register) tokens needs reduction='none'; "
+                "a grid reduction cannot place them"
+            )
+        grid_tokens = grid[0] * grid[1]
+        kept = grid_tokens + (0 if drop_prefix_tokens else num_prefix_tokens)
+        if num_tokens is None:
+            num_tokens = kept if reduction == "none" else grid_tokens
+        if reduction == "none" and num_tokens != kept:
+            raise ValueError(
+                f"encoder '{name}': reduction 'none' keeps {kept} tokens ({grid[0]}x{grid[1]} "
+                f"patches{'' if drop_prefix_tokens else f' + {num_prefix_tokens} prefix'}), but "
+                f"num_tokens={num_tokens}; set num_tokens={kept} or pick reduction="
+                "'interpolate' or 'avgpool'"
+            )
+        if reduction != "none":
+            reduce_grid(torch.zeros(1, grid_tokens, 1), grid, num_tokens, reduction)  # validates
+        self.name, self.grid, self.transform = name, grid, transform
+        self.hidden_size, self.num_prefix_tokens = int(hidden_size), num_prefix_tokens
+        self.num_layers, self.layer = num_layers, layer
+        self.num_tokens, self.reduction = num_tokens, reduction
+        self.normalize, self.frozen, self.drop_prefix_tokens = normalize, frozen, drop_prefix_tokens
+        self.image_size = transform.size
+        self.requires_grad_(not frozen)
+        if frozen:
+            self.eval()
+        self._options = {
+            "layer": layer,
+            "num_tokens": num_tokens,
+            "reduction": reduction,
+            "normalize": normalize,
+            "frozen": frozen,
+            "drop_prefix_tokens": drop_prefix_tokens,
+            "dtype": dtype_name(resolve_dtype(dtype)),
+            "image_transform": transform.to_dict(),
+        }
+
+    @abstractmethod
+    def _layer_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(b, 3, h, w)`` -> ``(b, prefix + grid tokens, c)`` at ``self.layer``."""
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        return self.transform(images)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"encoder '{self.name}' expects pixel_values (b, 3, h, w), got "
+                f"{tuple(pixel_values.shape)}; use encoder.preprocess(images)"
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = self._layer_tokens(pixel_values)
+            grid_tokens = self.grid[0] * self.grid[1]
+            prefix = x.shape[1] - grid_tokens
+            if prefix != self.num_prefix_tokens:
+                raise ValueError(
+                    f"encoder '{self.name}' gave {x.shape[1]} tokens for a {self.grid[0]}x"
+                    f"{self.grid[1]} grid; is the input {tuple(pixel_values.shape[-2:])} the "
+                    f"model's image size {self.image_size}?"
+                )
+            if self.drop_prefix_tokens:
+                x = reduce_grid(x[:, prefix:], self.grid, self.num_tokens, self.reduction)
+            x = x.float()
+            return F.normalize(x, p=2, dim=-1) if self.normalize else x
+
+    def reload_kwargs(self) -> dict[str, Any]:
+        """Options that rebuild this encoder around weights saved next to them."""
+        return dict(self._options)

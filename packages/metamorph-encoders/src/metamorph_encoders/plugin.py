@@ -1,0 +1,24 @@
+"""metamorph-encoders' components, registered through the ``metamorph`` entry-point group."""
+
+from __future__ import annotations
+
+from metamorph_core.plugins.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_encoders(register: Register) -> None:
+    register(
+        "siglip",
+        "metamorph_encoders.hf:SiglipEncoder",
+        description="transformers SigLIP vision tower; hidden_states[-1], 64 tokens (paper)",
+    )
+    register(
+        "clip",
+        "metamorph_encoders.hf:ClipEncoder",
+        description="transformers CLIP vision tower; hidden_states[-2], class token dropped",
+    )
+    register(
+        "timm",
+        "metamorph_encoders.timm_encoder:TimmEncoder",
+        description="any timm ViT by name (incl. *_siglip_*); safetensors weights only",
+    )
