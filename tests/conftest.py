@@ -9,8 +9,7 @@ import torch
 import transformers
 
 from metamorph_core import MetaMorphModel
-from metamorph_core.conversation import Conversation, Turn
-from metamorph_core.testing import save_tiny_backbone, tiny_model_config
+from metamorph_core.testing import samples, save_tiny_backbone, tiny_model_config
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -30,31 +29,7 @@ def make_model(backbone_dirs):
     return make
 
 
-def image(seed: int, size: int = 16) -> torch.Tensor:
-    return torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def understanding(seed: int = 0) -> Conversation:
-    return Conversation(
-        [
-            Turn("user", "<image>\nWhat colour is the shape?"),
-            Turn("assistant", "the shape is red."),
-        ],
-        [image(seed)],
-        id=f"und-{seed}",
-    )
-
-
-def generation(seed: int = 1) -> Conversation:
-    return Conversation(
-        [
-            Turn("user", "generate an image of a red square"),
-            Turn("assistant", "here is an image based on your request: <image>"),
-        ],
-        [image(seed)],
-        id=f"gen-{seed}",
-    )
-
-
-def text_only() -> Conversation:
-    return Conversation([Turn("user", "two plus three"), Turn("assistant", "five")], id="text")
+image = samples.random_image
+understanding = samples.understanding
+generation = samples.generation
+text_only = samples.text_only

@@ -21,9 +21,11 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def is_checkpoint(path: Path, fmt: str) -> bool:
-    """Whether ``path`` holds a ``config.json`` of format ``fmt``."""
+    """Whether ``path`` holds a ``config.json`` of format (or transformers ``model_type``)
+    ``fmt``."""
     try:
-        return json.loads((path / CONFIG_NAME).read_text()).get("format") == fmt
+        config = json.loads((path / CONFIG_NAME).read_text())
+        return fmt in (config.get("format"), config.get("model_type"))
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -1,0 +1,233 @@
+"""Small-encoder pretraining with SigLIP's sigmoid loss, for domains with no pretrained encoder.
+
+An image tower and a text tower (transformers ``SiglipModel`` with a small config) learn from
+image-caption pairs with the pairwise sigmoid loss (learned temperature and bias).
+:func:`sigmoid_loss` counts every pair whose captions are identical as positive: small domains
+repeat captions, and treating those pairs as negatives (as the diagonal-only loss of
+``SiglipModel(return_loss=True)`` does) fights the very alignment we want. Without repeats the
+two losses are equal. :func:`save_siglip` writes a regular
+``save_pretrained`` directory (model, tokenizer, image processor) that the ``siglip`` encoder
+loads like any other. The training recipe (issue #5) wraps :func:`train_siglip`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metamorph_core.checkpoint import atomic_directory
+from metamorph_encoders.transforms import ImageTransform
+
+
+def small_siglip_config(
+    vocab_size: int,
+    image_size: int = 32,
+    patch_size: int = 4,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_text_length: int = 16,
+    pad_token_id: int = 0,
+) -> Any:
+    """A ``SiglipConfig`` for a small image tower and text tower of the same width."""
+    from transformers import SiglipConfig
+
+    tower = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 4 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+    }
+    return SiglipConfig(
+        vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
+        text_config={
+            **tower,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": max_text_length,
+            "pad_token_id": pad_token_id,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        },
+    )
+
+
+def build_siglip(config: Any, seed: int = 0) -> Any:
+    """A random ``SiglipModel`` from ``config`` (deterministic in ``seed``), with the SigLIP
+    paper's initial temperature ``log 10`` and bias ``-10`` (transformers initialises both to
+    zero, expecting pretrained weights, and a zero start barely learns)."""
+    from transformers import SiglipModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    return model
+
+
+def siglip_transform(config: Any) -> ImageTransform:
+    """The preprocessing that :func:`save_siglip` records: squash to the tower's size,
+    bilinear, mean/std 0.5 (SigLIP's)."""
+    s = config.vision_config.image_size
+    return ImageTransform(size=(s, s), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_length: int) -> torch.Tensor:
+    """``(n, max_length)`` ids, padded to ``max_length`` as SigLIP expects (its text tower pools
+    the last position)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the caption tokenizer needs a pad token (SigLIP pads to max_length)")
+    enc = tokenizer(
+        list(captions),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return enc["input_ids"]
+
+
+def sigmoid_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+    """``(n, n)`` text-image logits (scale and bias applied) and the ``(n, l)`` caption ids ->
+    ``-sum log sigmoid(z * logits) / n`` with ``z = +1`` where the captions match, else ``-1``."""
+    same = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(-1)
+    z = same.to(logits_per_text.dtype) * 2 - 1
+    return -torch.nn.functional.logsigmoid(z * logits_per_text).sum() / logits_per_text.shape[0]
+
+
+@dataclass
+class SiglipTrainConfig:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    seed: int = 0
+    log_every: int = 50
+
+
+def train_siglip(
+    model: Any,
+    tokenizer: Any,
+    images: Any,
+    captions: Sequence[str],
+    config: SiglipTrainConfig | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[float]:
+    """Train ``model`` on image-caption pairs with the sigmoid loss; returns the step losses.
+
+    ``images``: anything :class:`ImageTransform` reads, or already-preprocessed ``(n, 3, h, w)``
+    pixel values of the tower's size. Batches are drawn without replacement per epoch from a
+    generator seeded by ``config.seed``. AdamW, linear warm-up then cosine decay.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg = config or SiglipTrainConfig()
+    pixels = _pixels(model, images)
+    ids = tokenize_captions(tokenizer, captions, model.config.text_config.max_position_embeddings)
+    if len(ids) != len(pixels):
+        raise ValueError(
+            f"{len(pixels)} images but {len(ids)} captions; pass one caption per image"
+        )
+    if len(pixels) < 2:
+        raise ValueError("the sigmoid loss needs at least 2 pairs per batch")
+    device = next(model.parameters()).device
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    losses = []
+    batch = min(cfg.batch_size, len(pixels))
+    for step in range(1, cfg.steps + 1):
+        if len(order) < batch:
+            order = torch.randperm(len(pixels), generator=gen).tolist()
+        idx, order = order[:batch], order[batch:]
+        batch_ids = ids[idx].to(device)
+        out = model(input_ids=batch_ids, pixel_values=pixels[idx].to(device))
+        loss = sigmoid_loss(out.logits_per_text, batch_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log is not None and (step == 1 or step % cfg.log_every == 0 or step == cfg.steps):
+            log(f"siglip step {step}/{cfg.steps}  loss {losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: Any, tokenizer: Any, images: Any, captions: Sequence[str]
+) -> dict[str, float]:
+    """Top-1 retrieval among the *distinct* captions of the set.
+
+    ``image_to_text``: share of images whose best-scoring caption is their own caption text;
+    ``text_to_image``: share of distinct captions whose best-scoring image carries that caption;
+    ``chance``: ``1 / number of distinct captions``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pixels = _pixels(model, images).to(device)
+    distinct = sorted(set(captions))
+    ids = tokenize_captions(tokenizer, distinct, model.config.text_config.max_position_embeddings)
+    img = model.get_image_features(pixel_values=pixels)
+    txt = model.get_text_features(input_ids=ids.to(device))
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    sim = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    truth = torch.tensor([distinct.index(c) for c in captions], device=device)
+    i2t = (sim.argmax(1) == truth).float().mean().item()
+    t2i = (truth[sim.argmax(0)] == torch.arange(len(distinct), device=device)).float().mean().item()
+    return {"image_to_text": i2t, "text_to_image": t2i, "chance": 1.0 / len(distinct)}
+
+
+def save_siglip(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """Write model, tokenizer and image processor with ``save_pretrained``, atomically, so that
+    ``create("encoder", "siglip", pretrained=path)`` loads the image tower."""
+    from transformers import SiglipImageProcessor
+
+    t = siglip_transform(model.config)
+    processor = SiglipImageProcessor(
+        size={"height": t.size[0], "width": t.size[1]},
+        image_mean=list(t.mean),
+        image_std=list(t.std),
+        resample=2,  # bilinear, as siglip_transform
+    )
+    path = Path(path)
+    with atomic_directory(path, "siglip") as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+    return path
+
+
+def _pixels(model: Any, images: Any) -> torch.Tensor:
+    s = model.config.vision_config.image_size
+    if (
+        isinstance(images, torch.Tensor)
+        and images.dim() == 4
+        and tuple(images.shape[1:]) == (3, s, s)
+    ):
+        return images.float()
+    return siglip_transform(model.config)(images)
+
+
+__all__ = [
+    "SiglipTrainConfig",
+    "build_siglip",
+    "retrieval_accuracy",
+    "save_siglip",
+    "sigmoid_loss",
+    "small_siglip_config",
+    "siglip_transform",
+    "tokenize_captions",
+    "train_siglip",
+]
