@@ -32,6 +32,7 @@ class HFVisionEncoder(GridEncoder):
     config_class: ClassVar[str]  # e.g. "SiglipVisionConfig"
     default_layer: ClassVar[int] = -1
     prefix_tokens: ClassVar[int] = 0  # class token etc.; override _num_prefix_tokens if it varies
+    fixed_resolution: ClassVar[bool] = True  # False: the model interpolates position embeddings
     # fallback preprocessing when a checkpoint has no image processor
     default_mean: ClassVar[tuple[float, float, float]] = (0.5, 0.5, 0.5)
     default_std: ClassVar[tuple[float, float, float]] = (0.5, 0.5, 0.5)
@@ -97,7 +98,12 @@ class HFVisionEncoder(GridEncoder):
             transform = ImageTransform.from_dict(image_transform)
         else:
             transform = self._transform_for(pretrained, cfg)
-        side = cfg.image_size // cfg.patch_size
+        if self.fixed_resolution and transform.size != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"encoder '{self.family}': preprocessing gives {transform.size} images but the "
+                f"model was trained at {cfg.image_size}x{cfg.image_size}"
+            )
+        side = transform.size[0] // cfg.patch_size
         self._setup(
             num_layers=cfg.num_hidden_layers,
             hidden_size=cfg.hidden_size,
@@ -113,11 +119,6 @@ class HFVisionEncoder(GridEncoder):
             dtype=dtype,
             name=self.family,
         )
-        if transform.size != (cfg.image_size, cfg.image_size):
-            raise ValueError(
-                f"encoder '{self.family}': preprocessing gives {transform.size} images but the "
-                f"model was trained at {cfg.image_size}x{cfg.image_size}"
-            )
 
     def _num_prefix_tokens(self, cfg: Any) -> int:
         """Tokens before the patch grid at every layer (class, registers)."""
