@@ -64,7 +64,7 @@ class HFVisionEncoder(GridEncoder):
                 "or config= (vision config fields, for random init)"
             )
         model_cls = getattr(transformers, self.model_class)
-        extra: dict[str, Any] = {"dtype": resolve_dtype(dtype), **self.load_overrides}
+        extra: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
         if pretrained is not None:
@@ -73,8 +73,13 @@ class HFVisionEncoder(GridEncoder):
             verbosity = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()
             try:
+                # overrides go through the config: transformers < 5.2x hands unknown
+                # from_pretrained kwargs to the model's __init__ instead
+                cfg = getattr(transformers, self.config_class).from_pretrained(
+                    str(pretrained), **self.load_overrides
+                )
                 self.model, info = model_cls.from_pretrained(
-                    str(pretrained), output_loading_info=True, **extra
+                    str(pretrained), config=cfg, output_loading_info=True, **extra
                 )
             except OSError as e:
                 raise CheckpointError(
