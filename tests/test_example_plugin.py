@@ -87,3 +87,11 @@ def test_builds_and_trains_a_unified_model_by_name(dinov2_dir, backbone_dirs, tm
     loaded = MetaMorphModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch).loss, loaded.eval()(**batch).loss)
+
+
+def test_checkpoints_with_register_tokens_are_refused_clearly(tmp_path):
+    transformers.Dinov2WithRegistersModel(
+        transformers.Dinov2WithRegistersConfig(**TOWER, num_register_tokens=4)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="register tokens need Dinov2WithRegistersModel"):
+        create("encoder", "dinov2", pretrained=str(tmp_path))

@@ -64,7 +64,7 @@ def test_sigmoid_pretraining_learns_retrieval_and_loads_as_siglip(tmp_path):
         pad_token_id=tokenizer.pad_token_id,
     )
     model = build_siglip(config, seed=0)
-    train_images, train_captions = dataset(per_class=16, seed=0)
+    train_images, train_captions = dataset(per_class=64, seed=0)
     test_images, test_captions = dataset(per_class=4, seed=1)  # unseen renders
     before = retrieval_accuracy(model, tokenizer, test_images, test_captions)
     losses = train_siglip(
@@ -79,7 +79,7 @@ def test_sigmoid_pretraining_learns_retrieval_and_loads_as_siglip(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert after["chance"] == 1 / 12
     assert before["image_to_text"] < 0.3
-    # chance is 1/12; colour alone would give about 1/3 (measured: 0.79 and 1.0)
+    # chance is 1/12; colour alone would give about 1/3 (measured: 0.73 and 0.92)
     assert after["image_to_text"] > 0.5 and after["text_to_image"] > 0.5, (before, after)
 
     path = save_siglip(model, tokenizer, tmp_path / "siglip-small")

@@ -36,9 +36,9 @@ def to_tensor(image: Any, index: int = 0) -> torch.Tensor:
     """One image -> ``(3, h, w)`` float32 in [0, 1].
 
     Accepts a file path, a PIL image of any mode (grayscale, RGBA, palette, ... are converted to
-    RGB), an ``(h, w)`` / ``(h, w, c)`` array (uint8 0-255 or float 0-1), or a tensor
-    ``(c, h, w)`` / ``(h, w)`` (uint8 or float in [0, 1]) with 1, 3 or 4 channels (alpha is
-    dropped). ``index`` names the image in errors.
+    RGB), an ``(h, w)`` / ``(h, w, c)`` array, or a tensor ``(c, h, w)`` / ``(h, w)``, with 1, 3
+    or 4 channels (alpha is dropped). Integer pixels are 8-bit (0-255) or, when any exceeds 255,
+    16-bit; float pixels must lie in [0, 1]. ``index`` names the image in errors.
     """
     if isinstance(image, (str, Path)):
         image = _from_path(image)
@@ -69,7 +69,19 @@ def to_tensor(image: Any, index: int = 0) -> torch.Tensor:
         )
     if min(image.shape[-2:]) == 0:
         raise ValueError(f"image {index}: empty image of shape {tuple(image.shape)}")
-    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    if image.dtype == torch.bool:
+        x = image.float()
+    elif not image.dtype.is_floating_point:  # integers: 8-bit (0-255) or, above that, 16-bit
+        x = image.float()
+        x = x / (255.0 if float(x.max()) <= 255 else 65535.0)
+    else:
+        x = image.float()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"image {index}: float pixels must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]; "
+                "divide 0-255 values by 255 or pass uint8"
+            )
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return x[:3].clamp(0.0, 1.0)

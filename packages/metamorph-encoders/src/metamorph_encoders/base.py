@@ -98,10 +98,10 @@ class GridEncoder(VisionEncoder):
         return self.transform(images)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, *self.image_size):
             raise ValueError(
-                f"encoder '{self.name}' expects pixel_values (b, 3, h, w), got "
-                f"{tuple(pixel_values.shape)}; use encoder.preprocess(images)"
+                f"encoder '{self.name}' expects pixel_values of shape (b, 3, {self.image_size[0]}, "
+                f"{self.image_size[1]}), got {tuple(pixel_values.shape)}; use encoder.preprocess(images)"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = self._layer_tokens(pixel_values)
@@ -109,9 +109,9 @@ class GridEncoder(VisionEncoder):
             prefix = x.shape[1] - grid_tokens
             if prefix != self.num_prefix_tokens:
                 raise ValueError(
-                    f"encoder '{self.name}' gave {x.shape[1]} tokens for a {self.grid[0]}x"
-                    f"{self.grid[1]} grid; is the input {tuple(pixel_values.shape[-2:])} the "
-                    f"model's image size {self.image_size}?"
+                    f"encoder '{self.name}' gave {x.shape[1]} tokens, expected "
+                    f"{self.num_prefix_tokens} prefix + {self.grid[0]}x{self.grid[1]} grid tokens; "
+                    "the checkpoint's layout differs from what this encoder class assumes"
                 )
             if self.drop_prefix_tokens:
                 x = reduce_grid(x[:, prefix:], self.grid, self.num_tokens, self.reduction)
@@ -119,5 +119,7 @@ class GridEncoder(VisionEncoder):
             return F.normalize(x, p=2, dim=-1) if self.normalize else x
 
     def reload_kwargs(self) -> dict[str, Any]:
-        """Options that rebuild this encoder around weights saved next to them."""
-        return dict(self._options)
+        """Options that rebuild this encoder, as it is now, around weights saved next to them."""
+        param = next(self.parameters(), None)
+        dtype = dtype_name(param.dtype) if param is not None else self._options["dtype"]
+        return {**self._options, "dtype": dtype, "frozen": self.frozen}

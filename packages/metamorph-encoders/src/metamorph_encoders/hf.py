@@ -78,12 +78,22 @@ class HFVisionEncoder(GridEncoder):
                 cfg = getattr(transformers, self.config_class).from_pretrained(
                     str(pretrained), **self.load_overrides
                 )
+                if not cfg.model_type.startswith(self.family):
+                    raise CheckpointError(
+                        f"encoder '{self.family}': '{pretrained}' holds a '{cfg.model_type}' "
+                        f"model, not {self.family}; use the encoder made for it"
+                    )
                 self.model, info = model_cls.from_pretrained(
-                    str(pretrained), config=cfg, output_loading_info=True, **extra
+                    str(pretrained),
+                    config=cfg,
+                    output_loading_info=True,
+                    use_safetensors=True,
+                    **extra,
                 )
-            except OSError as e:
+            except (OSError, RuntimeError, ValueError) as e:
                 raise CheckpointError(
-                    f"encoder '{self.family}': cannot load '{pretrained}': {e}"
+                    f"encoder '{self.family}': cannot load '{pretrained}' (weights are read from "
+                    f"safetensors only; convert other formats first): {e}"
                 ) from e
             finally:
                 transformers.logging.set_verbosity(verbosity)
@@ -108,11 +118,11 @@ class HFVisionEncoder(GridEncoder):
                 f"encoder '{self.family}': preprocessing gives {transform.size} images but the "
                 f"model was trained at {cfg.image_size}x{cfg.image_size}"
             )
-        side = transform.size[0] // cfg.patch_size
+        grid = (transform.size[0] // cfg.patch_size, transform.size[1] // cfg.patch_size)
         self._setup(
             num_layers=cfg.num_hidden_layers,
             hidden_size=cfg.hidden_size,
-            grid=(side, side),
+            grid=grid,
             num_prefix_tokens=self._num_prefix_tokens(cfg),
             transform=transform,
             layer=self.default_layer if layer is None else layer,

@@ -122,8 +122,8 @@ def train_siglip(
 ) -> list[float]:
     """Train ``model`` on image-caption pairs with the sigmoid loss; returns the step losses.
 
-    ``images``: anything :class:`ImageTransform` reads, or already-preprocessed ``(n, 3, h, w)``
-    pixel values of the tower's size. Batches are drawn without replacement per epoch from a
+    ``images``: raw images, anything :class:`ImageTransform` reads (tensors in [0, 1]); they are
+    preprocessed exactly as the ``siglip`` encoder will preprocess them after saving. Batches are drawn without replacement per epoch from a
     generator seeded by ``config.seed``. AdamW, linear warm-up then cosine decay.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -210,13 +210,8 @@ def save_siglip(model: Any, tokenizer: Any, path: str | Path) -> Path:
 
 
 def _pixels(model: Any, images: Any) -> torch.Tensor:
-    s = model.config.vision_config.image_size
-    if (
-        isinstance(images, torch.Tensor)
-        and images.dim() == 4
-        and tuple(images.shape[1:]) == (3, s, s)
-    ):
-        return images.float()
+    """Raw images (any kind :class:`ImageTransform` reads; tensors in [0, 1]) -> the normalised
+    pixels the ``siglip`` encoder will feed this tower after :func:`save_siglip`."""
     return siglip_transform(model.config)(images)
 
 

@@ -41,7 +41,7 @@ class TimmEncoder(GridEncoder):
         super().__init__()
         import timm
 
-        if not timm.is_model(model_name):
+        if not timm.is_model(model_name) and not model_name.startswith(("hf-hub:", "hf_hub:")):
             known = timm.list_models("vit_*")[:12]
             raise ValueError(
                 f"encoder 'timm': unknown model '{model_name}'; see timm.list_models(), e.g. {known}"
@@ -84,7 +84,11 @@ class TimmEncoder(GridEncoder):
             name="timm",
         )
         if layer == 0 or layer == -(len(self.model.blocks) + 1):
-            raise ValueError("encoder 'timm': layer 0 (the embeddings) is not available from timm")
+            n = len(self.model.blocks)
+            raise ValueError(
+                f"encoder 'timm': layer {layer} (the embeddings) is not available from timm; "
+                f"use a block output: 1..{n} or -{n}..-1"
+            )
 
     def _load_weights(self, path: Path) -> None:
         file = path / WEIGHTS if path.is_dir() else path

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from metamorph_core.vision import to_tensor_list
 
 # PIL resample codes used in processor configs -> torch modes
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bilinear", 4: "bilinear", 5: "bicubic"}
+_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -39,6 +39,7 @@ class ImageTransform:
     resize: int | tuple[int, int] | None = None
     center_crop: bool = False
     interpolation: str = "bicubic"
+    crop_rounding: str = "floor"  # crop offset: "floor" as transformers, "round" as torchvision
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("nearest", "bilinear", "bicubic"):
@@ -64,16 +65,22 @@ class ImageTransform:
         h, w = x.shape[-2:]
         if self.resize is None:
             x = self._resize(x, self.size)
-        elif isinstance(self.resize, int):
-            scale = self.resize / min(h, w)
-            x = self._resize(x, (max(1, round(h * scale)), max(1, round(w * scale))))
+        elif isinstance(self.resize, int):  # shortest edge; the longer one truncated, as HF
+            short, long = (h, w) if h <= w else (w, h)
+            other = max(1, int(self.resize * long / short))
+            x = self._resize(x, (self.resize, other) if h <= w else (other, self.resize))
         else:
             x = self._resize(x, self.resize)
         if self.center_crop and tuple(x.shape[-2:]) != self.size:
             th, tw = self.size
             if x.shape[-2] < th or x.shape[-1] < tw:
                 x = self._resize(x, (max(th, x.shape[-2]), max(tw, x.shape[-1])))
-            top, left = (x.shape[-2] - th) // 2, (x.shape[-1] - tw) // 2
+            offset = (
+                (lambda n: n // 2)
+                if self.crop_rounding == "floor"
+                else (lambda n: int(round(n / 2)))
+            )
+            top, left = offset(x.shape[-2] - th), offset(x.shape[-1] - tw)
             x = x[:, top : top + th, left : left + tw]
         elif tuple(x.shape[-2:]) != self.size:
             x = self._resize(x, self.size)
@@ -120,18 +127,31 @@ class ImageTransform:
 
     @classmethod
     def from_timm(cls, data_config: dict[str, Any]) -> ImageTransform:
-        """From ``timm.data.resolve_model_data_config(model)`` (eval transform)."""
+        """From ``timm.data.resolve_model_data_config(model)``, following timm's eval transform:
+        ``squash`` resizes both edges to ``size / crop_pct``; ``center`` (the default) resizes
+        the shortest edge, keeping the aspect ratio; both then centre-crop to ``size``."""
         _, h, w = data_config["input_size"]
-        crop_pct = data_config.get("crop_pct") or 1.0
-        mode = data_config.get("crop_mode", "center")
+        crop_pct = data_config.get("crop_pct") or 0.875
+        mode = data_config.get("crop_mode") or "center"
         interpolation = data_config.get("interpolation", "bicubic")
         interpolation = (
             interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bicubic"
         )
-        if mode == "squash" or crop_pct >= 1.0:
-            resize: int | tuple[int, int] = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        if mode == "squash":
+            resize: int | tuple[int, int] = scale
+        elif mode == "center" and scale[0] == scale[1]:
+            resize = scale[0]
+        elif mode == "center":
+            raise ValueError(
+                f"timm data config: centre crops to a non-square size {(h, w)} are not supported; "
+                "pass image_transform= explicitly"
+            )
         else:
-            resize = math.floor(min(h, w) / crop_pct)
+            raise ValueError(
+                f"timm data config: crop_mode '{mode}' is not supported (squash and center are); "
+                "pass image_transform= explicitly"
+            )
         return cls(
             size=(h, w),
             mean=tuple(data_config["mean"]),
@@ -139,4 +159,5 @@ class ImageTransform:
             resize=resize,
             center_crop=True,
             interpolation=interpolation,
+            crop_rounding="round",
         )

@@ -65,7 +65,8 @@ class TinyPatchEncoder(VisionEncoder):
         return torch.stack(out) * 2.0 - 1.0
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch(pixel_values.to(self.patch.weight.dtype))
-        x = self.mlp(rearrange(x, "b c h w -> b (h w) c"))
-        x = reduce_grid(x, self.grid, self.num_tokens).to(x.dtype)
-        return F.normalize(x, p=2, dim=-1) if self.normalize else x
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = self.patch(pixel_values.to(self.patch.weight.dtype))
+            x = self.mlp(rearrange(x, "b c h w -> b (h w) c"))
+            x = reduce_grid(x, self.grid, self.num_tokens).float()
+            return F.normalize(x, p=2, dim=-1) if self.normalize else x

@@ -56,6 +56,14 @@ def check_encoder(encoder: VisionEncoder, atol: float = 1e-5) -> None:
         a, b = encoder(pixels), encoder(pixels)
     want = (len(images), encoder.num_tokens, encoder.hidden_size)
     assert tuple(a.shape) == want, f"encoder output {tuple(a.shape)}, declared {want}"
+    assert a.dtype == torch.float32, f"encoder tokens must be float32, got {a.dtype}"
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, 3, h + 8, w + 8))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(f"encoder accepted pixel values of a size other than {(h, w)}")
     assert torch.allclose(a, b, atol=atol), "encoder is not deterministic in eval mode"
     assert torch.isfinite(a).all(), "encoder output has NaN/inf"
     if getattr(encoder, "normalize", True):
@@ -70,7 +78,8 @@ def check_encoder(encoder: VisionEncoder, atol: float = 1e-5) -> None:
         assert not encoder.training, "frozen encoder left eval mode on train()"
         encoder.train(was_training)
         with torch.enable_grad():
-            assert encoder(pixels[:1]).grad_fn is None, "frozen encoder built an autograd graph"
+            probe = pixels[:1].clone().requires_grad_(True)
+            assert encoder(probe).grad_fn is None, "frozen encoder built an autograd graph"
 
     low = copy.deepcopy(encoder).to(torch.bfloat16)
     with torch.no_grad():
