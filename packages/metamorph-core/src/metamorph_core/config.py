@@ -44,6 +44,7 @@ class MetaMorphConfig:
     visual_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
     template: ComponentSpec = field(default_factory=lambda: ComponentSpec("llama3"))
+    decoder: ComponentSpec | None = None  # a visual decoder turning predicted tokens into pixels
     freeze_encoder: bool = True
     max_length: int | None = None  # None: the backbone's own maximum
     truncation: bool = False
@@ -51,6 +52,8 @@ class MetaMorphConfig:
     def __post_init__(self) -> None:
         for f in ("encoder", "backbone", "projector", "head", "visual_loss", "template"):
             setattr(self, f, ComponentSpec.parse(getattr(self, f), f"MetaMorphConfig.{f}"))
+        if self.decoder is not None:
+            self.decoder = ComponentSpec.parse(self.decoder, "MetaMorphConfig.decoder")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

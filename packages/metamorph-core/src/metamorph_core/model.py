@@ -32,7 +32,14 @@ from metamorph_core.config import ComponentSpec, MetaMorphConfig
 from metamorph_core.conversation import Conversation
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
-from metamorph_core.interfaces import Backbone, Projector, VisionEncoder, VisionHead, VisualLoss
+from metamorph_core.interfaces import (
+    Backbone,
+    Projector,
+    VisionEncoder,
+    VisionHead,
+    VisualDecoder,
+    VisualLoss,
+)
 from metamorph_core.plugins.registry import create
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate
 
@@ -93,6 +100,7 @@ class MetaMorphModel(nn.Module):
             config = MetaMorphConfig(**specs)
         self.config = config
         self._check_shapes()
+        self.decoder: VisualDecoder | None = None
         # The model's setting wins over the encoder's own default (its train() honours it).
         self.encoder.frozen = config.freeze_encoder
         self.encoder.requires_grad_(not config.freeze_encoder)
@@ -170,7 +178,42 @@ class MetaMorphModel(nn.Module):
                     kind, spec.name, **{"in_dim": in_dim, "out_dim": out_dim, **spec.kwargs}
                 )
         loss = create("loss", config.visual_loss.name, **config.visual_loss.kwargs)
-        return cls(**built, visual_loss=loss, config=config)  # type: ignore[arg-type]
+        decoder = built.pop("decoder", None)
+        model = cls(**built, visual_loss=loss, config=config)  # type: ignore[arg-type]
+        if decoder is None and config.decoder is not None:
+            kw = {"token_dim": enc_dim, "num_tokens": built["encoder"].num_tokens, **config.decoder.kwargs}
+            decoder = create("decoder", config.decoder.name, **kw)
+        if decoder is not None:
+            model._check_decoder(decoder)
+            model.decoder = decoder  # config.decoder already says how it was built
+        return model
+
+    # -- decoding ----------------------------------------------------------------------------
+    def attach_decoder(self, decoder: VisualDecoder) -> None:
+        """Attach a visual decoder so predicted tokens decode to pixels (saved with the model)."""
+        self._check_decoder(decoder)
+        self.config.decoder = _spec_of(decoder, "decoder")
+        self.decoder = decoder
+
+    def _check_decoder(self, decoder: VisualDecoder) -> None:
+        enc = f"encoder '{self.config.encoder.name}'"
+        name = getattr(decoder, "metamorph_spec", {}).get("name", type(decoder).__name__)
+        if decoder.token_dim != self.encoder.hidden_size or decoder.num_tokens != self.num_image_tokens:
+            raise ShapeMismatchError(
+                f"decoder '{name}' reads {decoder.num_tokens} tokens of width {decoder.token_dim} "
+                f"but {enc} gives {self.num_image_tokens} tokens of width "
+                f"{self.encoder.hidden_size}; train the decoder on this encoder's tokens"
+            )
+
+    def decode_images(self, tokens: torch.Tensor, **sampling: Any) -> Any:
+        """``(b, num_tokens, c)`` visual tokens -> images, through the attached decoder."""
+        if self.decoder is None:
+            raise ValueError(
+                "no visual decoder is attached, so visual tokens cannot become pixels; attach "
+                "one with model.attach_decoder(create('decoder', 'sd-unet', pretrained=DIR, "
+                "...)) or set MetaMorphConfig.decoder"
+            )
+        return self.decoder.decode(tokens, **sampling)
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -285,7 +328,7 @@ class MetaMorphModel(nn.Module):
         with atomic_directory(path, FORMAT) as tmp:
             components: dict[str, Any] = {}
             tensors: dict[str, torch.Tensor] = {}
-            for kind in _KINDS:
+            for kind in self._present_kinds():
                 module = getattr(self, kind)
                 spec = getattr(self.config, kind)
                 entry: dict[str, Any] = {"name": spec.name, "kwargs": spec.kwargs}
@@ -318,6 +361,9 @@ class MetaMorphModel(nn.Module):
             )
         return path
 
+    def _present_kinds(self) -> tuple[str, ...]:
+        return (*_KINDS, "decoder") if self.decoder is not None else _KINDS
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MetaMorphModel:
         """Load a directory written by :meth:`save_pretrained`. ``dtype`` overrides the
@@ -331,17 +377,18 @@ class MetaMorphModel(nn.Module):
             )
         config = MetaMorphConfig.from_dict(meta["model"])
         entries = meta["components"]
+        kinds = [k for k in (*_KINDS, "decoder") if k in entries]
         built = {
             kind: cls._load_component(path, kind, entries[kind], dtype)
-            for kind in _KINDS
-            if "subfolder" in entries[kind] or kind in ("encoder", "backbone")
+            for kind in kinds
+            if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
         }
         model = cls._assemble(config, built)
-        in_subfolders = {kind for kind in _KINDS if "subfolder" in entries[kind]}
+        in_subfolders = {kind for kind in kinds if "subfolder" in entries[kind]}
         expected = {
             k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] not in in_subfolders
         }
-        for kind in _KINDS:  # components kept in model.safetensors come back in their dtype
+        for kind in kinds:  # components kept in model.safetensors come back in their dtype
             if "dtype" in entries[kind]:
                 getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
         expected = {k: v for k, v in model.state_dict().items() if k in expected}

@@ -43,6 +43,7 @@ KIND_HOOKS: dict[str, str] = {
     "backbone": "register_backbones",
     "head": "register_heads",
     "decoder": "register_decoders",
+    "adapter": "register_adapters",
     "loss": "register_losses",
     "template": "register_templates",
 }
@@ -71,6 +72,11 @@ def register_heads(register: Register) -> None:
 @hookspec
 def register_decoders(register: Register) -> None:
     """Register visual decoders (:class:`metamorph_core.interfaces.VisualDecoder`)."""
+
+
+@hookspec
+def register_adapters(register: Register) -> None:
+    """Register decoder conditioning adapters (visual tokens -> a diffusion model's context)."""
 
 
 @hookspec
