@@ -181,7 +181,11 @@ class MetaMorphModel(nn.Module):
         decoder = built.pop("decoder", None)
         model = cls(**built, visual_loss=loss, config=config)  # type: ignore[arg-type]
         if decoder is None and config.decoder is not None:
-            kw = {"token_dim": enc_dim, "num_tokens": built["encoder"].num_tokens, **config.decoder.kwargs}
+            kw = {
+                "token_dim": enc_dim,
+                "num_tokens": built["encoder"].num_tokens,
+                **config.decoder.kwargs,
+            }
             decoder = create("decoder", config.decoder.name, **kw)
         if decoder is not None:
             model._check_decoder(decoder)
@@ -198,7 +202,10 @@ class MetaMorphModel(nn.Module):
     def _check_decoder(self, decoder: VisualDecoder) -> None:
         enc = f"encoder '{self.config.encoder.name}'"
         name = getattr(decoder, "metamorph_spec", {}).get("name", type(decoder).__name__)
-        if decoder.token_dim != self.encoder.hidden_size or decoder.num_tokens != self.num_image_tokens:
+        if (
+            decoder.token_dim != self.encoder.hidden_size
+            or decoder.num_tokens != self.num_image_tokens
+        ):
             raise ShapeMismatchError(
                 f"decoder '{name}' reads {decoder.num_tokens} tokens of width {decoder.token_dim} "
                 f"but {enc} gives {self.num_image_tokens} tokens of width "

@@ -1,0 +1,51 @@
+"""Mapping a base UNet's weights onto a UNet built for another cross-attention width.
+
+Only the cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``) read the
+context, so only they change shape when the context width changes. :func:`plan_weight_load`
+decides, from shapes alone, which weights load and which are re-initialised; it runs on
+meta-device models, so it can be checked against Stable Diffusion 1.5's full-size config
+without its weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from metamorph_core.errors import CheckpointError
+
+CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
+
+
+@dataclass
+class LoadPlan:
+    load: list[str]  # keys copied from the source
+    reinit: list[str]  # keys left at their fresh initialisation (shape changed)
+
+
+def plan_weight_load(
+    source: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]], where: str
+) -> LoadPlan:
+    """Which of ``target``'s weights come from ``source`` (same key and shape) and which are
+    re-initialised (cross-attention K/V whose input width changed). Anything else that does not
+    match is an error naming the keys."""
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: the UNet weights do not match its config: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    load, reinit = [], []
+    for key, shape in target.items():
+        if tuple(source[key]) == tuple(shape):
+            load.append(key)
+        elif CROSS_ATTENTION_KV.search(key) and tuple(source[key])[0] == tuple(shape)[0]:
+            reinit.append(key)
+        else:
+            raise CheckpointError(
+                f"{where}: weight '{key}' has shape {tuple(source[key])} but the model needs "
+                f"{tuple(shape)}; only cross-attention K/V may change width"
+            )
+    return LoadPlan(sorted(load), sorted(reinit))

@@ -1,0 +1,417 @@
+"""``sd-unet``: a diffusers UNet that generates images from visual tokens (the paper's
+"visualizer": SD 1.5's UNet conditioned on 64 SigLIP tokens instead of text).
+
+The adapter maps the tokens to the UNet's cross-attention width; its output, zero-padded to
+``context_length`` tokens, is ``encoder_hidden_states``. Conditioning dropout replaces that
+context with the *null context* (``zeros``: all-zero, as the paper zeroes the adapter output;
+or ``learned``), and the sampler's unconditional branch uses the same null context.
+``latent`` mode runs in an ``AutoencoderKL``'s latent space (scaled by the VAE's
+``scaling_factor``, as SD does); ``pixel`` mode denoises pixels directly (small images).
+
+Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent mode),
+``scheduler/``, ``adapter.safetensors`` and ``config.json`` (the decoder's settings).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from metamorph_core.checkpoint import atomic_directory, write_json
+from metamorph_core.config import ComponentSpec
+from metamorph_core.dtypes import dtype_name, resolve_dtype
+from metamorph_core.errors import CheckpointError
+from metamorph_core.interfaces import VisualDecoder
+from metamorph_core.plugins.registry import create
+from metamorph_decoders.loading import plan_weight_load
+from metamorph_decoders.schedulers import make_scheduler
+
+logger = logging.getLogger("metamorph")
+FORMAT = "metamorph-decoder"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DEFAULT_NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "clip_sample": False,
+}
+
+
+class DiffusionDecoder(VisualDecoder):
+    """Visual tokens ``(b, num_tokens, token_dim)`` -> images ``(b, 3, h, w)`` in [0, 1]."""
+
+    def __init__(
+        self,
+        token_dim: int,
+        num_tokens: int,
+        pretrained: str | Path | None = None,
+        unet_config: dict[str, Any] | None = None,
+        vae_config: dict[str, Any] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        mode: str | None = None,
+        adapter: str | dict[str, Any] = "mlp",
+        context_length: int = 77,
+        prediction_type: str = "epsilon",
+        cond_dropout: float = 0.75,
+        null_conditioning: str = "zeros",
+        reshape_cross_attention: bool = False,
+        dtype: str | torch.dtype = "float32",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        if (pretrained is None) == (unet_config is None):
+            raise ValueError(
+                "decoder 'sd-unet' needs exactly one of pretrained= (a Stable-Diffusion-layout "
+                "directory with unet/, scheduler/ and, for latent mode, vae/) or unet_config="
+            )
+        if prediction_type == "v":
+            prediction_type = "v_prediction"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type '{prediction_type}'; use epsilon, v or sample"
+            )
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+        if null_conditioning not in ("zeros", "learned"):
+            raise ValueError(
+                f"null_conditioning must be 'zeros' or 'learned', got '{null_conditioning}'"
+            )
+        torch_dtype = resolve_dtype(dtype)
+        self.token_dim, self.num_tokens = token_dim, num_tokens
+        self.context_length, self.prediction_type = context_length, prediction_type
+        self.cond_dropout, self.null_conditioning = cond_dropout, null_conditioning
+        root = Path(pretrained) if pretrained is not None else None
+        saved = _read_saved_config(root) if root is not None else {}
+
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if root is not None:
+                unet_dir = _subfolder(root, "unet")
+                unet_cfg = UNet2DConditionModel.load_config(str(unet_dir))
+            else:
+                unet_cfg = dict(unet_config)
+            spec = ComponentSpec.parse(adapter, "decoder adapter")
+            width = int(unet_cfg["cross_attention_dim"])
+            self.adapter = create(
+                "adapter", spec.name, **{"in_dim": token_dim, "out_dim": width, **spec.kwargs}
+            )
+            if self.adapter.out_dim != width:
+                self.unet = self._reshaped_unet(
+                    root, unet_cfg, reshape_cross_attention, torch_dtype
+                )
+            elif root is not None:
+                self.unet = UNet2DConditionModel.from_pretrained(
+                    str(unet_dir), dtype=torch_dtype, use_safetensors=True
+                )
+            else:
+                self.unet = _cast(UNet2DConditionModel.from_config(unet_cfg), torch_dtype)
+            if root is not None and (root / "adapter.safetensors").is_file():
+                self._load_adapter(root / "adapter.safetensors", saved)
+            if null_conditioning == "learned":
+                tokens = self.adapter.out_tokens(num_tokens)
+                self.null_context = torch.nn.Parameter(
+                    torch.zeros(max(context_length, tokens), self.adapter.out_dim)
+                )
+                if "null_context" in saved.get("weights", []):
+                    self.null_context.data.copy_(
+                        load_file(str(root / "adapter.safetensors"))["null_context"]
+                    )
+        self.adapter.to(torch_dtype)
+
+        if mode is None:
+            has_vae = vae_config is not None or (root is not None and (root / "vae").is_dir())
+            mode = saved.get("mode", "latent" if has_vae else "pixel")
+        if mode not in ("latent", "pixel"):
+            raise ValueError(f"decoder mode must be 'latent' or 'pixel', got '{mode}'")
+        self.mode = mode
+        self.vae = None
+        if mode == "latent":
+            if vae_config is not None:
+                self.vae = _cast(AutoencoderKL.from_config(vae_config), torch_dtype)
+            elif root is not None:
+                self.vae = AutoencoderKL.from_pretrained(
+                    str(_subfolder(root, "vae")), dtype=torch_dtype, use_safetensors=True
+                )
+            else:
+                raise ValueError(
+                    "latent mode needs vae_config= or a pretrained directory with vae/"
+                )
+            self.vae.requires_grad_(False).eval()
+        if root is not None and (root / "scheduler").is_dir():
+            with open(_subfolder(root, "scheduler") / "scheduler_config.json") as f:
+                sched = json.load(f)
+        else:
+            sched = dict(scheduler_config or DEFAULT_NOISE_SCHEDULE)
+        self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
+        self.noise_scheduler = make_scheduler("ddpm", self.scheduler_config, prediction_type)
+        channels = self.unet.config.in_channels
+        if mode == "pixel" and channels != 3:
+            raise ValueError(
+                f"pixel mode needs a UNet with 3 input channels, this one has {channels}"
+            )
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        side = int(self.unet.config.sample_size) * factor
+        self.image_size = (side, side)
+        self._dtype_name = dtype_name(torch_dtype)
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _reshaped_unet(
+        self, root: Path | None, cfg: dict[str, Any], allowed: bool, dtype: torch.dtype
+    ) -> Any:
+        from diffusers import UNet2DConditionModel
+
+        old, new = int(cfg["cross_attention_dim"]), self.adapter.out_dim
+        if not allowed:
+            raise ValueError(
+                f"the base UNet's cross-attention width is {old} but adapter "
+                f"'{type(self.adapter).__name__}' outputs {new}; set reshape_cross_attention=True "
+                "to re-initialise the cross-attention K/V weights (they are logged), or give the "
+                f"adapter out_dim={old}"
+            )
+        unet = _cast(UNet2DConditionModel.from_config({**cfg, "cross_attention_dim": new}), dtype)
+        if root is None:
+            return unet
+        source = _load_unet_weights(_subfolder(root, "unet"))
+        plan = plan_weight_load(
+            {k: tuple(v.shape) for k, v in source.items()},
+            {k: tuple(v.shape) for k, v in unet.state_dict().items()},
+            str(root),
+        )
+        unet.load_state_dict({k: source[k] for k in plan.load}, strict=False)
+        logger.warning(
+            "UNet cross-attention width %d -> %d: re-initialised %d weights: %s",
+            old,
+            new,
+            len(plan.reinit),
+            ", ".join(plan.reinit),
+        )
+        return unet
+
+    def _load_adapter(self, path: Path, saved: dict[str, Any]) -> None:
+        state = {k: v for k, v in load_file(str(path)).items() if k != "null_context"}
+        missing, unexpected = self.adapter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: adapter weights do not match the adapter "
+                f"{saved.get('adapter', {}).get('name', '?')}: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+
+    # -- conditioning ------------------------------------------------------------------------
+    def context(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(b, n, c)`` tokens -> ``(b, context_length, d)``: the adapter's output, zero-padded."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
+            raise ValueError(
+                f"decoder expects tokens (b, n, {self.token_dim}) for adapter "
+                f"'{type(self.adapter).__name__}', got {tuple(tokens.shape)}; the tokens must "
+                "come from the encoder this decoder was trained on"
+            )
+        param = next(self.adapter.parameters())
+        out = self.adapter(tokens.to(param.device, param.dtype))
+        pad = self.context_length - out.shape[1]
+        return F.pad(out, (0, 0, 0, pad)) if pad > 0 else out
+
+    def null(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """The null context: used by conditioning dropout *and* the unconditional branch."""
+        if self.null_conditioning == "learned":
+            return self.null_context[: like.shape[1]].to(like.dtype).expand(batch, -1, -1)
+        return torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
+
+    # -- training ----------------------------------------------------------------------------
+    def _to_model_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.to(self.unet.dtype) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            latents = self.vae.encode(x).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        pixel_values: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Diffusion loss of reconstructing ``pixel_values`` ``(b, 3, h, w)`` in [0, 1] from
+        ``tokens``; conditioning is dropped to the null context with ``cond_dropout`` while
+        training."""
+        x0 = self._to_model_space(pixel_values.to(self.unet.device))
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator, device=x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        ctx = self.context(tokens)
+        if self.training and self.cond_dropout > 0:
+            drop = torch.rand(b, generator=generator, device=x0.device) < self.cond_dropout
+            ctx = torch.where(drop[:, None, None], self.null(b, ctx), ctx)
+        pred = self.unet(noisy, t, encoder_hidden_states=ctx.to(self.unet.dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def training_step(
+        self, tokens: torch.Tensor, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> float:
+        """One optimiser step on the UNet and adapter; returns the loss."""
+        self.train()
+        loss = self.loss(tokens, pixel_values)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def train(self, mode: bool = True) -> DiffusionDecoder:
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen
+        return self
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        scheduler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pt",
+    ) -> Any:
+        """Sample images for ``tokens`` ``(b, n, c)``: ``output_type`` ``"pt"`` gives ``(b, 3,
+        h, w)`` in [0, 1], ``"pil"`` a list of PIL images. With ``guidance_scale`` != 1 the
+        conditional and unconditional (null-context) branches run in one batched UNet call:
+        ``uncond + s * (cond - uncond)``."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if output_type not in ("pt", "pil"):
+            raise ValueError(f"output_type must be 'pt' or 'pil', got '{output_type}'")
+        device = self.unet.device
+        sched = make_scheduler(scheduler, self.scheduler_config, self.prediction_type)
+        sched.set_timesteps(steps, device=device)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        cond = self.context(tokens).to(self.unet.dtype)
+        b = cond.shape[0]
+        guided = guidance_scale != 1.0
+        ctx = torch.cat([self.null(b, cond), cond]) if guided else cond
+        c = self.unet.config.in_channels
+        s = int(self.unet.config.sample_size)
+        x = torch.randn((b, c, s, s), generator=generator, dtype=torch.float32).to(
+            device, self.unet.dtype
+        )
+        x = x * sched.init_noise_sigma
+        # stochastic schedulers take the generator; deterministic ones have no such argument
+        step_kw = (
+            {"generator": generator}
+            if "generator" in inspect.signature(sched.step).parameters
+            else {}
+        )
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            pred = self.unet(inp, t, encoder_hidden_states=ctx).sample
+            if guided:
+                uncond, cond_pred = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond_pred - uncond)
+            x = sched.step(pred, t, x, **step_kw).prev_sample
+        images = self._to_pixels(x)
+        return _to_pil(images) if output_type == "pil" else images
+
+    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        spec = getattr(self.adapter, "metamorph_spec", {"name": "?", "kwargs": {}})
+        kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("in_dim", "out_dim")}
+        return {
+            "token_dim": self.token_dim,
+            "num_tokens": self.num_tokens,
+            "mode": self.mode,
+            "adapter": {"name": spec["name"], "kwargs": kwargs},
+            "context_length": self.context_length,
+            "prediction_type": self.prediction_type,
+            "cond_dropout": self.cond_dropout,
+            "null_conditioning": self.null_conditioning,
+            "dtype": dtype_name(self.unet.dtype),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> dict[str, Any]:
+        """Write the SD layout plus ``adapter.safetensors`` and ``config.json``; returns the
+        keyword arguments that reload it (with ``pretrained=directory``)."""
+        with atomic_directory(Path(directory), FORMAT) as tmp:
+            self._write(tmp)
+        return self.settings()
+
+    def _write(self, path: Path) -> None:
+        self.unet.save_pretrained(str(path / "unet"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(path / "vae"))
+        self.noise_scheduler.save_pretrained(str(path / "scheduler"))
+        tensors = {k: v.contiguous() for k, v in self.adapter.state_dict().items()}
+        if self.null_conditioning == "learned":
+            tensors["null_context"] = self.null_context.detach().contiguous()
+        save_file(tensors, str(path / "adapter.safetensors"))
+        write_json(
+            path / "config.json", {"format": FORMAT, **self.settings(), "weights": sorted(tensors)}
+        )
+
+
+def _cast(model: Any, dtype: torch.dtype) -> Any:
+    return model if dtype == torch.float32 else model.to(dtype)  # new models are float32
+
+
+def _subfolder(root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(
+            f"'{root}' has no {name}/ subfolder; a decoder directory has the Stable Diffusion "
+            "layout (unet/, scheduler/, and vae/ for latent mode)"
+        )
+    return path
+
+
+def _read_saved_config(root: Path) -> dict[str, Any]:
+    if not root.is_dir():
+        raise CheckpointError(f"decoder directory '{root}' does not exist")
+    path = root / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(unet_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"'{unet_dir}' has no .safetensors weights (nothing is unpickled)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _to_pil(images: torch.Tensor) -> list[Any]:
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
