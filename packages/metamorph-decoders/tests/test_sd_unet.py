@@ -126,7 +126,7 @@ def test_dropped_conditioning_is_exactly_the_unconditional_branch(sd_dirs):
                 dec.null_context.normal_()
         seen = []
         hook = dec.unet.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()),
+            lambda m, args, kwargs, seen=seen: seen.append(kwargs["encoder_hidden_states"].clone()),
             with_kwargs=True,
         )
         tokens, pixels = data()
