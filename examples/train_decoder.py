@@ -6,7 +6,7 @@ Images are generated on the fly (coloured squares, discs and bars on a grey back
 frozen `tiny-patch` encoder turns each into 16 tokens; the `sd-unet` decoder (a small diffusers
 UNet in pixel space, the paper's MLP adapter, conditioning dropout 0.1) learns to draw the image
 back from them. The script writes `reconstructions.png`: originals on the top row, samples from
-their tokens below (DDIM, 25 steps, guidance 3), and saves the decoder in the SD layout.
+their tokens below (DDIM, 50 steps, guidance 2), and saves the decoder in the SD layout.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
+    parser.add_argument("--prediction-type", default="v", choices=["epsilon", "v", "sample"])
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=2.0)
     args = parser.parse_args()
     torch.manual_seed(0)
     encoder = create(
@@ -82,6 +85,7 @@ def main() -> int:
         adapter={"name": "mlp", "kwargs": {"hidden_dims": [128]}},
         context_length=16,
         cond_dropout=0.1,
+        prediction_type=args.prediction_type,
         seed=0,
     )
     optimizer = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=1e-3)
@@ -98,7 +102,7 @@ def main() -> int:
     originals = shapes(8, torch.Generator().manual_seed(1234))  # not seen in training
     with torch.no_grad():
         tokens = encoder(encoder.preprocess(originals))
-    samples = decoder.decode(tokens, steps=25, guidance_scale=3.0, seed=0)
+    samples = decoder.decode(tokens, steps=args.sample_steps, guidance_scale=args.guidance, seed=0)
     err = (samples - originals).abs().mean().item()
     args.out.mkdir(parents=True, exist_ok=True)
     grid([originals, samples]).save(args.out / "reconstructions.png")

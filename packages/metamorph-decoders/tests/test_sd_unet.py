@@ -51,7 +51,9 @@ def sd_dirs(tmp_path_factory):
     AutoencoderKL(**VAE).save_pretrained(root / "latent" / "vae")
     UNet2DConditionModel(**UNET).save_pretrained(root / "pixel" / "unet")
     for mode in ("latent", "pixel"):
-        DDPMScheduler(num_train_timesteps=100).save_pretrained(root / mode / "scheduler")
+        DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(
+            root / mode / "scheduler"
+        )
     return root
 
 
@@ -236,3 +238,123 @@ def test_attached_to_a_unified_model(sd_dirs, tmp_path):
     assert (path / "decoder" / "unet").is_dir()
     loaded = MetaMorphModel.from_pretrained(path)
     assert torch.equal(loaded.decode_images(tokens, steps=2, seed=0), images)
+
+
+def _zero_unet(dec):
+    """Make the UNet predict zeros, so the loss is the mean square of the target."""
+    return dec.unet.register_forward_hook(
+        lambda m, i, o: type(o)(sample=torch.zeros_like(o.sample))
+    )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
+def test_loss_targets_by_hand(sd_dirs, prediction_type):
+    dec = decoder(sd_dirs / "pixel", prediction_type=prediction_type).eval()
+    tokens, pixels = data()
+    hook = _zero_unet(dec)
+    with torch.no_grad():
+        loss = dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(5)).item()
+    hook.remove()
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    noise = torch.randn(pixels.shape, generator=g)
+    t = torch.randint(0, 100, (4,), generator=g)
+    x0 = pixels * 2 - 1
+    a = dec.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * x0, "sample": x0}
+    assert loss == pytest.approx(target[prediction_type].pow(2).mean().item(), rel=1e-5)
+
+
+def test_saved_settings_reload_from_the_directory_alone(sd_dirs, tmp_path):
+    dec = decoder(
+        sd_dirs / "pixel",
+        prediction_type="v",
+        context_length=8,
+        null_conditioning="learned",
+        cond_dropout=0.3,
+    )
+    with torch.no_grad():
+        dec.null_context.normal_()
+    dec.save_pretrained(tmp_path / "dec")
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.settings() == dec.settings()
+    assert torch.equal(again.null_context, dec.null_context)
+    with pytest.raises(
+        CheckpointError,
+        match="saved with prediction_type='v_prediction' but prediction_type='epsilon'",
+    ):
+        create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), prediction_type="epsilon")
+
+
+def test_sd15_scheduler_and_weight_variants(sd_dirs, tmp_path, caplog):
+    import json
+    import shutil
+
+    root = tmp_path / "sd15-like"
+    shutil.copytree(sd_dirs / "pixel" / "unet", root / "unet")
+    UNet2DConditionModel.from_pretrained(root / "unet").half().save_pretrained(
+        root / "unet", variant="fp16"
+    )
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **SD15_SCHEDULER}
+        )
+    )
+    dec = create(
+        "decoder",
+        "sd-unet",
+        pretrained=str(root),
+        token_dim=24,
+        num_tokens=4,
+        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48], "out_dim": 40}},
+        reshape_cross_attention=True,
+    )
+    betas = dec.noise_scheduler.betas
+    assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
+    base = UNet2DConditionModel.from_pretrained(root / "unet").state_dict()  # the fp32 file
+    ours = dec.unet.state_dict()
+    assert torch.equal(ours["conv_in.weight"], base["conv_in.weight"])  # not the fp16 variant
+    shutil.rmtree(root / "scheduler")
+    with pytest.raises(CheckpointError, match="has no scheduler/ subfolder"):
+        create("decoder", "sd-unet", pretrained=str(root), token_dim=24, num_tokens=4)
+    with pytest.raises(ValueError, match="scheduler_config= cannot be combined with pretrained="):
+        create(
+            "decoder",
+            "sd-unet",
+            pretrained=str(sd_dirs / "pixel"),
+            token_dim=24,
+            num_tokens=4,
+            scheduler_config=SD15_SCHEDULER,
+        )
+
+
+def test_dropout_is_per_sample_and_off_in_eval(sd_dirs):
+    dec = decoder(sd_dirs / "pixel", cond_dropout=0.5)
+    seen = []
+    hook = dec.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()),
+        with_kwargs=True,
+    )
+    tokens, pixels = data()
+    dec.train()
+    dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(0))
+    dec.eval()
+    dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    dropped = [not row.any() for row in seen[0]]
+    assert any(dropped) and not all(dropped)
+    assert not any(not row.any() for row in seen[1])
+
+
+def test_bfloat16_and_incompatible_scheduler(sd_dirs):
+    dec = decoder(sd_dirs / "pixel", dtype="bfloat16")
+    assert dec.unet.dtype == torch.bfloat16
+    tokens, pixels = data()
+    assert torch.isfinite(dec.loss(tokens, pixels))
+    assert dec.decode(tokens[:1], steps=2, seed=0).dtype == torch.float32
+    x0 = decoder(sd_dirs / "pixel", prediction_type="sample")
+    with pytest.raises(
+        ValueError,
+        match="scheduler 'pndm' cannot sample a model trained for prediction_type 'sample'; use one of ddpm, ddim",
+    ):
+        x0.decode(tokens[:1], scheduler="pndm", steps=2)

@@ -194,7 +194,10 @@ class MetaMorphModel(nn.Module):
 
     # -- decoding ----------------------------------------------------------------------------
     def attach_decoder(self, decoder: VisualDecoder) -> None:
-        """Attach a visual decoder so predicted tokens decode to pixels (saved with the model)."""
+        """Attach a visual decoder so predicted tokens decode to pixels (saved with the model).
+
+        The decoder becomes a submodule: ``model.to(...)`` moves it and ``model.parameters()``
+        includes it, so build the VPiT optimiser from the parts being tuned, not the whole."""
         self._check_decoder(decoder)
         self.config.decoder = _spec_of(decoder, "decoder")
         self.decoder = decoder

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-# name -> (diffusers class, extra config)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
+ALL = ("epsilon", "v_prediction", "sample")
+NO_SAMPLE = ("epsilon", "v_prediction")
+
+# name -> (diffusers class, extra config, prediction types it can step)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "ddpm": ("DDPMScheduler", {}, ALL),
+    "ddim": ("DDIMScheduler", {}, ALL),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, NO_SAMPLE),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, ALL),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, ALL),
+    "unipc": ("UniPCMultistepScheduler", {}, ALL),
+    "euler": ("EulerDiscreteScheduler", {}, ALL),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}, NO_SAMPLE),
+    "heun": ("HeunDiscreteScheduler", {}, ALL),
 }
 
 
@@ -25,6 +27,12 @@ def make_scheduler(name: str, config: dict[str, Any], prediction_type: str) -> A
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{name}'; known: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
+    cls_name, extra, types = SCHEDULERS[name]
+    if prediction_type not in types:
+        fits = [n for n, (_, _, ts) in SCHEDULERS.items() if prediction_type in ts]
+        raise ValueError(
+            f"scheduler '{name}' cannot sample a model trained for prediction_type "
+            f"'{prediction_type}'; use one of {', '.join(fits)}"
+        )
     cls = getattr(diffusers, cls_name)
     return cls.from_config({**config, **extra, "prediction_type": prediction_type})

@@ -50,22 +50,25 @@ class DiffusionDecoder(VisualDecoder):
 
     def __init__(
         self,
-        token_dim: int,
-        num_tokens: int,
+        token_dim: int | None = None,
+        num_tokens: int | None = None,
         pretrained: str | Path | None = None,
         unet_config: dict[str, Any] | None = None,
         vae_config: dict[str, Any] | None = None,
         scheduler_config: dict[str, Any] | None = None,
         mode: str | None = None,
-        adapter: str | dict[str, Any] = "mlp",
-        context_length: int = 77,
-        prediction_type: str = "epsilon",
-        cond_dropout: float = 0.75,
-        null_conditioning: str = "zeros",
+        adapter: str | dict[str, Any] | None = None,
+        context_length: int | None = None,
+        prediction_type: str | None = None,
+        cond_dropout: float | None = None,
+        null_conditioning: str | None = None,
         reshape_cross_attention: bool = False,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
     ) -> None:
+        """Settings left as ``None`` come from a pretrained decoder's ``config.json`` when there
+        is one, else from the defaults (``mlp`` adapter, 77 context tokens, epsilon, dropout
+        0.75, ``zeros`` null). Giving a setting that contradicts a saved decoder is an error."""
         super().__init__()
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -74,59 +77,65 @@ class DiffusionDecoder(VisualDecoder):
                 "decoder 'sd-unet' needs exactly one of pretrained= (a Stable-Diffusion-layout "
                 "directory with unet/, scheduler/ and, for latent mode, vae/) or unet_config="
             )
-        if prediction_type == "v":
-            prediction_type = "v_prediction"
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type '{prediction_type}'; use epsilon, v or sample"
-            )
-        if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
-        if null_conditioning not in ("zeros", "learned"):
-            raise ValueError(
-                f"null_conditioning must be 'zeros' or 'learned', got '{null_conditioning}'"
-            )
-        torch_dtype = resolve_dtype(dtype)
-        self.token_dim, self.num_tokens = token_dim, num_tokens
-        self.context_length, self.prediction_type = context_length, prediction_type
-        self.cond_dropout, self.null_conditioning = cond_dropout, null_conditioning
         root = Path(pretrained) if pretrained is not None else None
         saved = _read_saved_config(root) if root is not None else {}
+        if root is not None and scheduler_config is not None:
+            raise ValueError(
+                "scheduler_config= cannot be combined with pretrained=: the noise schedule is the "
+                f"one the UNet was trained with, in '{root}/scheduler/'"
+            )
+        given = {
+            "token_dim": token_dim,
+            "num_tokens": num_tokens,
+            "adapter": adapter,
+            "context_length": context_length,
+            "null_conditioning": null_conditioning,
+            "prediction_type": _prediction_type(prediction_type) if prediction_type else None,
+        }
+        conf = _resolve(given, saved, root)
+        if conf["token_dim"] is None or conf["num_tokens"] is None:
+            raise ValueError("decoder 'sd-unet' needs token_dim= and num_tokens= (the encoder's)")
+        cond_dropout = saved.get("cond_dropout", 0.75) if cond_dropout is None else cond_dropout
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+        if conf["null_conditioning"] not in ("zeros", "learned"):
+            raise ValueError(
+                f"null_conditioning must be 'zeros' or 'learned', got '{conf['null_conditioning']}'"
+            )
+        torch_dtype = resolve_dtype(dtype)
+        self.token_dim, self.num_tokens = int(conf["token_dim"]), int(conf["num_tokens"])
+        self.context_length = int(conf["context_length"])
+        self.prediction_type = conf["prediction_type"]
+        self.cond_dropout, self.null_conditioning = cond_dropout, conf["null_conditioning"]
 
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             if root is not None:
                 unet_dir = _subfolder(root, "unet")
-                unet_cfg = UNet2DConditionModel.load_config(str(unet_dir))
+                unet_cfg = dict(UNet2DConditionModel.load_config(str(unet_dir)))
             else:
                 unet_cfg = dict(unet_config)
-            spec = ComponentSpec.parse(adapter, "decoder adapter")
+            spec = ComponentSpec.parse(conf["adapter"], "decoder adapter")
+            self.adapter_spec = {"name": spec.name, "kwargs": dict(spec.kwargs)}
             width = int(unet_cfg["cross_attention_dim"])
             self.adapter = create(
-                "adapter", spec.name, **{"in_dim": token_dim, "out_dim": width, **spec.kwargs}
+                "adapter", spec.name, **{"in_dim": self.token_dim, "out_dim": width, **spec.kwargs}
             )
             if self.adapter.out_dim != width:
-                self.unet = self._reshaped_unet(
-                    root, unet_cfg, reshape_cross_attention, torch_dtype
-                )
+                self.unet = self._reshaped_unet(root, unet_cfg, reshape_cross_attention)
             elif root is not None:
                 self.unet = UNet2DConditionModel.from_pretrained(
-                    str(unet_dir), dtype=torch_dtype, use_safetensors=True
+                    str(unet_dir), use_safetensors=True
                 )
             else:
-                self.unet = _cast(UNet2DConditionModel.from_config(unet_cfg), torch_dtype)
+                self.unet = UNet2DConditionModel.from_config(unet_cfg)
+            if self.null_conditioning == "learned":
+                rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
+                self.null_context = torch.nn.Parameter(torch.zeros(rows, self.adapter.out_dim))
             if root is not None and (root / "adapter.safetensors").is_file():
-                self._load_adapter(root / "adapter.safetensors", saved)
-            if null_conditioning == "learned":
-                tokens = self.adapter.out_tokens(num_tokens)
-                self.null_context = torch.nn.Parameter(
-                    torch.zeros(max(context_length, tokens), self.adapter.out_dim)
-                )
-                if "null_context" in saved.get("weights", []):
-                    self.null_context.data.copy_(
-                        load_file(str(root / "adapter.safetensors"))["null_context"]
-                    )
+                self._load_adapter(root / "adapter.safetensors")
+        self.unet = _cast(self.unet, torch_dtype)
         self.adapter.to(torch_dtype)
 
         if mode is None:
@@ -138,37 +147,37 @@ class DiffusionDecoder(VisualDecoder):
         self.vae = None
         if mode == "latent":
             if vae_config is not None:
-                self.vae = _cast(AutoencoderKL.from_config(vae_config), torch_dtype)
+                self.vae = AutoencoderKL.from_config(vae_config)
             elif root is not None:
                 self.vae = AutoencoderKL.from_pretrained(
-                    str(_subfolder(root, "vae")), dtype=torch_dtype, use_safetensors=True
+                    str(_subfolder(root, "vae")), use_safetensors=True
                 )
             else:
                 raise ValueError(
                     "latent mode needs vae_config= or a pretrained directory with vae/"
                 )
-            self.vae.requires_grad_(False).eval()
-        if root is not None and (root / "scheduler").is_dir():
+            self.vae = _cast(self.vae, torch_dtype).requires_grad_(False).eval()
+        if root is not None:
             with open(_subfolder(root, "scheduler") / "scheduler_config.json") as f:
                 sched = json.load(f)
-        else:
-            sched = dict(scheduler_config or DEFAULT_NOISE_SCHEDULE)
+        else:  # x0 clipping would fight latents; off unless asked for
+            sched = {"clip_sample": False, **(scheduler_config or DEFAULT_NOISE_SCHEDULE)}
         self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
-        self.noise_scheduler = make_scheduler("ddpm", self.scheduler_config, prediction_type)
+        self.noise_scheduler = make_scheduler("ddpm", self.scheduler_config, self.prediction_type)
         channels = self.unet.config.in_channels
-        if mode == "pixel" and channels != 3:
+        want = self.vae.config.latent_channels if self.vae is not None else 3
+        if channels != want:
             raise ValueError(
-                f"pixel mode needs a UNet with 3 input channels, this one has {channels}"
+                f"{mode} mode needs a UNet with {want} input channels "
+                f"({'the VAE latent channels' if self.vae is not None else 'RGB'}), this one has "
+                f"{channels}"
             )
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         side = int(self.unet.config.sample_size) * factor
         self.image_size = (side, side)
-        self._dtype_name = dtype_name(torch_dtype)
 
     # -- construction helpers ----------------------------------------------------------------
-    def _reshaped_unet(
-        self, root: Path | None, cfg: dict[str, Any], allowed: bool, dtype: torch.dtype
-    ) -> Any:
+    def _reshaped_unet(self, root: Path | None, cfg: dict[str, Any], allowed: bool) -> Any:
         from diffusers import UNet2DConditionModel
 
         old, new = int(cfg["cross_attention_dim"]), self.adapter.out_dim
@@ -179,7 +188,7 @@ class DiffusionDecoder(VisualDecoder):
                 "to re-initialise the cross-attention K/V weights (they are logged), or give the "
                 f"adapter out_dim={old}"
             )
-        unet = _cast(UNet2DConditionModel.from_config({**cfg, "cross_attention_dim": new}), dtype)
+        unet = UNet2DConditionModel.from_config({**cfg, "cross_attention_dim": new})
         if root is None:
             return unet
         source = _load_unet_weights(_subfolder(root, "unet"))
@@ -198,15 +207,23 @@ class DiffusionDecoder(VisualDecoder):
         )
         return unet
 
-    def _load_adapter(self, path: Path, saved: dict[str, Any]) -> None:
-        state = {k: v for k, v in load_file(str(path)).items() if k != "null_context"}
-        missing, unexpected = self.adapter.load_state_dict(state, strict=False)
-        if missing or unexpected:
+    def _load_adapter(self, path: Path) -> None:
+        state = load_file(str(path))
+        null = state.pop("null_context", None)
+        if (null is not None) != (self.null_conditioning == "learned"):
             raise CheckpointError(
-                f"{path}: adapter weights do not match the adapter "
-                f"{saved.get('adapter', {}).get('name', '?')}: missing {sorted(missing)[:8]}, "
-                f"unexpected {sorted(unexpected)[:8]}"
+                f"{path}: learned null context present={null is not None} but "
+                f"null_conditioning='{self.null_conditioning}'"
             )
+        try:
+            self.adapter.load_state_dict(state)
+            if null is not None:
+                self.null_context.data.copy_(null)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{path}: the saved adapter does not fit adapter {self.adapter_spec} with "
+                f"token_dim={self.token_dim}: {str(e)[:300]}"
+            ) from e
 
     # -- conditioning ------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -229,14 +246,18 @@ class DiffusionDecoder(VisualDecoder):
         return torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
 
     # -- training ----------------------------------------------------------------------------
-    def _to_model_space(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = pixel_values.to(self.unet.dtype) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+    def _to_model_space(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``(b, 3, h, w)`` in [0, 1] -> float32 diffusion space ([-1, 1] pixels or scaled
+        latents)."""
+        x = pixel_values.float() * 2.0 - 1.0
         if self.vae is None:
             return x
         with torch.no_grad():
-            latents = self.vae.encode(x).latent_dist.sample()
+            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return (latents.float() - shift) * self.vae.config.scaling_factor
 
     def loss(
         self,
@@ -246,12 +267,15 @@ class DiffusionDecoder(VisualDecoder):
     ) -> torch.Tensor:
         """Diffusion loss of reconstructing ``pixel_values`` ``(b, 3, h, w)`` in [0, 1] from
         ``tokens``; conditioning is dropped to the null context with ``cond_dropout`` while
-        training."""
-        x0 = self._to_model_space(pixel_values.to(self.unet.device))
+        training. Noise, timesteps and dropout are drawn from ``generator`` (on its device) when
+        given; the noising and the target are computed in float32."""
+        device = self.unet.device
+        x0 = self._to_model_space(pixel_values.to(device), generator)
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draw = generator.device if generator is not None else device
+        noise = torch.randn(x0.shape, generator=generator, device=draw).to(device)
         steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (b,), generator=generator, device=x0.device)
+        t = torch.randint(0, steps, (b,), generator=generator, device=draw).to(device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "epsilon":
             target = noise
@@ -261,10 +285,11 @@ class DiffusionDecoder(VisualDecoder):
             target = x0
         ctx = self.context(tokens)
         if self.training and self.cond_dropout > 0:
-            drop = torch.rand(b, generator=generator, device=x0.device) < self.cond_dropout
+            drop = torch.rand(b, generator=generator, device=draw).to(device) < self.cond_dropout
             ctx = torch.where(drop[:, None, None], self.null(b, ctx), ctx)
-        pred = self.unet(noisy, t, encoder_hidden_states=ctx.to(self.unet.dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        dtype = self.unet.dtype
+        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
+        return F.mse_loss(pred.float(), target)
 
     def training_step(
         self, tokens: torch.Tensor, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer
@@ -316,9 +341,8 @@ class DiffusionDecoder(VisualDecoder):
         ctx = torch.cat([self.null(b, cond), cond]) if guided else cond
         c = self.unet.config.in_channels
         s = int(self.unet.config.sample_size)
-        x = torch.randn((b, c, s, s), generator=generator, dtype=torch.float32).to(
-            device, self.unet.dtype
-        )
+        draw = generator.device if generator is not None else "cpu"
+        x = torch.randn((b, c, s, s), generator=generator, device=draw).to(device)  # float32
         x = x * sched.init_noise_sigma
         # stochastic schedulers take the generator; deterministic ones have no such argument
         step_kw = (
@@ -328,7 +352,7 @@ class DiffusionDecoder(VisualDecoder):
         )
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            pred = self.unet(inp, t, encoder_hidden_states=ctx).sample
+            pred = self.unet(inp.to(self.unet.dtype), t, encoder_hidden_states=ctx).sample.float()
             if guided:
                 uncond, cond_pred = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond_pred - uncond)
@@ -339,18 +363,18 @@ class DiffusionDecoder(VisualDecoder):
     def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is not None:
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+            x = self.vae.decode(
+                (x / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+            ).sample
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- checkpoints -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        spec = getattr(self.adapter, "metamorph_spec", {"name": "?", "kwargs": {}})
-        kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("in_dim", "out_dim")}
         return {
             "token_dim": self.token_dim,
             "num_tokens": self.num_tokens,
             "mode": self.mode,
-            "adapter": {"name": spec["name"], "kwargs": kwargs},
+            "adapter": self.adapter_spec,
             "context_length": self.context_length,
             "prediction_type": self.prediction_type,
             "cond_dropout": self.cond_dropout,
@@ -380,7 +404,43 @@ class DiffusionDecoder(VisualDecoder):
 
 
 def _cast(model: Any, dtype: torch.dtype) -> Any:
-    return model if dtype == torch.float32 else model.to(dtype)  # new models are float32
+    return model if model.dtype == dtype else model.to(dtype)
+
+
+def _prediction_type(value: str) -> str:
+    value = "v_prediction" if value == "v" else value
+    if value not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type '{value}'; use epsilon, v or sample")
+    return value
+
+
+_DEFAULTS = {
+    "adapter": "mlp",
+    "context_length": 77,
+    "null_conditioning": "zeros",
+    "prediction_type": "epsilon",
+    "token_dim": None,
+    "num_tokens": None,
+}
+
+
+def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) -> dict[str, Any]:
+    """Explicit settings, else the saved decoder's, else defaults; a contradiction is an error."""
+    out = {}
+    for key, default in _DEFAULTS.items():
+        value, stored = given[key], saved.get(key)
+        if key == "adapter" and value is not None:
+            value = ComponentSpec.parse(value, "decoder adapter")
+            value = {"name": value.name, "kwargs": value.kwargs}
+            if stored is not None and stored["name"] == value["name"] and not value["kwargs"]:
+                value = stored  # a bare name means "as saved"
+        if value is not None and stored is not None and value != stored:
+            raise CheckpointError(
+                f"decoder in '{root}' was saved with {key}={stored!r} but {key}={value!r} was "
+                "given; drop the argument to use the saved value"
+            )
+        out[key] = value if value is not None else stored if stored is not None else default
+    return out
 
 
 def _subfolder(root: Path, name: str) -> Path:
@@ -401,9 +461,21 @@ def _read_saved_config(root: Path) -> dict[str, Any]:
 
 
 def _load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(unet_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"'{unet_dir}' has no .safetensors weights (nothing is unpickled)")
+    """The UNet's own weights file (or the shards its index names); variants such as
+    ``.fp16`` or ``.non_ema`` next to it are ignored."""
+    single = unet_dir / "diffusion_pytorch_model.safetensors"
+    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [
+            unet_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    else:
+        raise CheckpointError(
+            f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or sharded index); only "
+            "safetensors are read, nothing is unpickled"
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
