@@ -41,7 +41,7 @@ from metamorph_core.interfaces import (
     VisualLoss,
 )
 from metamorph_core.plugins.registry import create
-from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate
+from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate, pack
 
 FORMAT = "metamorph"
 FORMAT_VERSION = 1
@@ -231,12 +231,17 @@ class MetaMorphModel(nn.Module):
         return self.encoder.num_tokens
 
     def prepare_batch(
-        self, conversations: list[Conversation], add_generation_prompt: bool = False
+        self,
+        conversations: list[Conversation],
+        add_generation_prompt: bool = False,
+        pack_to: int | None = None,
     ) -> dict[str, Any]:
         """Conversations -> a batch for :meth:`forward` on the model's device (images
-        preprocessed by the encoder)."""
+        preprocessed by the encoder). ``pack_to``: pack samples into rows of that many tokens
+        (:func:`metamorph_core.sequence.pack`) instead of padding each to the longest."""
         samples = [self.sequence_builder.encode(c, add_generation_prompt) for c in conversations]
-        batch = collate(samples, pad_id=self.sequence_builder.pad_id)
+        pad_id = self.sequence_builder.pad_id
+        batch = pack(samples, pack_to, pad_id) if pack_to else collate(samples, pad_id=pad_id)
         images = batch.pop("images")
         if images:
             batch["pixel_values"] = self.encoder.preprocess(images)
@@ -260,10 +265,13 @@ class MetaMorphModel(nn.Module):
         image_features: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
-        image_is_target: torch.Tensor | None = None,  # accepted from collate; slots carry it
+        image_is_target: torch.Tensor | None = None,  # from collate/pack; the slots carry it
+        sample_index: torch.Tensor | None = None,  # from pack; for per-sample accounting
     ) -> MetaMorphOutput:
         """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` ``(n, 3, h,
-        w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order."""
+        w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order. Packed
+        rows (``position_ids`` restarting per sample, no ``attention_mask``) attend within each
+        sample only."""
         embeds = self.backbone.embed(input_ids)
         proj_dtype, head_dtype = _dtype_of(self.projector), _dtype_of(self.head)
         tokens = None

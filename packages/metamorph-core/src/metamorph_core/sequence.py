@@ -222,3 +222,68 @@ def collate(samples: list[EncodedSample], pad_id: int = 0) -> dict[str, Any]:
         "images": images,
         "image_is_target": torch.tensor(is_target, dtype=torch.bool),
     }
+
+
+def pack(samples: list[EncodedSample], max_length: int, pad_id: int = 0) -> dict[str, Any]:
+    """Pack samples into rows of at most ``max_length`` tokens (first fit, in order).
+
+    Attention stays inside each sample: every sample's ``position_ids`` restart at 0 and no
+    ``attention_mask`` is returned, which transformers turns into a block-diagonal causal mask
+    (only without a KV cache, so this is for training). Each sample's first token carries no
+    label, as in an unpacked row. Returns the :func:`collate` keys (less ``attention_mask``)
+    plus ``position_ids`` and ``sample_index`` ``(b, l)``: which sample each position holds
+    (``-1`` for padding).
+    """
+    if not samples:
+        raise ValueError("pack needs at least one sample")
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, s in enumerate(samples):
+        if len(s) > max_length:
+            raise ValueError(
+                f"sample {s.id!r} has {len(s)} tokens, more than the packing length {max_length}; "
+                "raise the packing length or truncate the sample"
+            )
+        for r in range(len(rows)):
+            if used[r] + len(s) <= max_length:
+                rows[r].append(i)
+                used[r] += len(s)
+                break
+        else:
+            rows.append([i])
+            used.append(len(s))
+    b, length = len(rows), max(used)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    sample_index = torch.full((b, length), -1, dtype=torch.long)
+    slot_mask = torch.zeros((b, length), dtype=torch.bool)
+    target_mask = torch.zeros((b, length), dtype=torch.bool)
+    images: list[Any] = []
+    is_target: list[bool] = []
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            s, n = samples[i], len(samples[i])
+            input_ids[r, at : at + n] = torch.tensor(s.input_ids, dtype=torch.long)
+            labels[r, at : at + n] = torch.tensor(s.labels, dtype=torch.long)
+            labels[r, at] = IGNORE_INDEX  # never predicted from the previous sample
+            position_ids[r, at : at + n] = torch.arange(n)
+            sample_index[r, at : at + n] = i
+            for start, target in zip(s.image_slots, s.image_targets, strict=True):
+                slot_mask[r, at + start : at + start + s.num_image_tokens] = True
+                target_mask[r, at + start : at + start + s.num_image_tokens] = target
+            images += s.images
+            is_target += s.image_targets
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)  # padding: a sequence of its own
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "image_slot_mask": slot_mask,
+        "target_slot_mask": target_mask,
+        "images": images,
+        "image_is_target": torch.tensor(is_target, dtype=torch.bool),
+        "sample_index": sample_index,
+    }
