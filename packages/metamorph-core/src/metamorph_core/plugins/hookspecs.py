@@ -46,6 +46,7 @@ KIND_HOOKS: dict[str, str] = {
     "adapter": "register_adapters",
     "loss": "register_losses",
     "template": "register_templates",
+    "task": "register_tasks",
 }
 
 
@@ -82,6 +83,11 @@ def register_adapters(register: Register) -> None:
 @hookspec
 def register_losses(register: Register) -> None:
     """Register visual losses (:class:`metamorph_core.interfaces.VisualLoss`)."""
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register task builders: raw examples -> LLaVA-style training records."""
 
 
 @hookspec
