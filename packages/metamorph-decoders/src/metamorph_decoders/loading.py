@@ -1,4 +1,5 @@
-"""Mapping a base UNet's weights onto a UNet built for another cross-attention width.
+"""Reading Stable-Diffusion-layout directories, and mapping a base UNet's weights onto a UNet
+built for another cross-attention width.
 
 Only the cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``) read the
 context, so only they change shape when the context width changes. :func:`plan_weight_load`
@@ -9,9 +10,15 @@ without its weights.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
 
 from metamorph_core.errors import CheckpointError
 
@@ -49,3 +56,42 @@ def plan_weight_load(
                 f"{tuple(shape)}; only cross-attention K/V may change width"
             )
     return LoadPlan(sorted(load), sorted(reinit))
+
+
+def subfolder(root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(
+            f"'{root}' has no {name}/ subfolder; a decoder directory has the Stable Diffusion "
+            "layout (unet/, scheduler/, and vae/ for latent mode)"
+        )
+    return path
+
+
+def read_saved_config(root: Path) -> dict[str, Any]:
+    if not root.is_dir():
+        raise CheckpointError(f"decoder directory '{root}' does not exist")
+    path = root / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    """The UNet's own weights file (or the shards its index names); variants such as
+    ``.fp16`` or ``.non_ema`` next to it are ignored."""
+    single = unet_dir / "diffusion_pytorch_model.safetensors"
+    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [
+            unet_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    else:
+        raise CheckpointError(
+            f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or sharded index); only "
+            "safetensors are read, nothing is unpickled"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state

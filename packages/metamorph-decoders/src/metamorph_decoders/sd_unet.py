@@ -30,7 +30,12 @@ from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
 from metamorph_core.interfaces import VisualDecoder
 from metamorph_core.plugins.registry import create
-from metamorph_decoders.loading import plan_weight_load
+from metamorph_decoders.loading import (
+    load_unet_weights,
+    plan_weight_load,
+    read_saved_config,
+    subfolder,
+)
 from metamorph_decoders.schedulers import make_scheduler
 
 logger = logging.getLogger("metamorph")
@@ -78,7 +83,7 @@ class DiffusionDecoder(VisualDecoder):
                 "directory with unet/, scheduler/ and, for latent mode, vae/) or unet_config="
             )
         root = Path(pretrained) if pretrained is not None else None
-        saved = _read_saved_config(root) if root is not None else {}
+        saved = read_saved_config(root) if root is not None else {}
         if root is not None and scheduler_config is not None:
             raise ValueError(
                 "scheduler_config= cannot be combined with pretrained=: the noise schedule is the "
@@ -112,7 +117,7 @@ class DiffusionDecoder(VisualDecoder):
             if seed is not None:
                 torch.manual_seed(seed)
             if root is not None:
-                unet_dir = _subfolder(root, "unet")
+                unet_dir = subfolder(root, "unet")
                 unet_cfg = dict(UNet2DConditionModel.load_config(str(unet_dir)))
             else:
                 unet_cfg = dict(unet_config)
@@ -150,7 +155,7 @@ class DiffusionDecoder(VisualDecoder):
                 self.vae = AutoencoderKL.from_config(vae_config)
             elif root is not None:
                 self.vae = AutoencoderKL.from_pretrained(
-                    str(_subfolder(root, "vae")), use_safetensors=True
+                    str(subfolder(root, "vae")), use_safetensors=True
                 )
             else:
                 raise ValueError(
@@ -158,7 +163,7 @@ class DiffusionDecoder(VisualDecoder):
                 )
             self.vae = _cast(self.vae, torch_dtype).requires_grad_(False).eval()
         if root is not None:
-            with open(_subfolder(root, "scheduler") / "scheduler_config.json") as f:
+            with open(subfolder(root, "scheduler") / "scheduler_config.json") as f:
                 sched = json.load(f)
         else:  # x0 clipping would fight latents; off unless asked for
             sched = {"clip_sample": False, **(scheduler_config or DEFAULT_NOISE_SCHEDULE)}
@@ -191,7 +196,7 @@ class DiffusionDecoder(VisualDecoder):
         unet = UNet2DConditionModel.from_config({**cfg, "cross_attention_dim": new})
         if root is None:
             return unet
-        source = _load_unet_weights(_subfolder(root, "unet"))
+        source = load_unet_weights(subfolder(root, "unet"))
         plan = plan_weight_load(
             {k: tuple(v.shape) for k, v in source.items()},
             {k: tuple(v.shape) for k, v in unet.state_dict().items()},
@@ -441,45 +446,6 @@ def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) ->
             )
         out[key] = value if value is not None else stored if stored is not None else default
     return out
-
-
-def _subfolder(root: Path, name: str) -> Path:
-    path = root / name
-    if not path.is_dir():
-        raise CheckpointError(
-            f"'{root}' has no {name}/ subfolder; a decoder directory has the Stable Diffusion "
-            "layout (unet/, scheduler/, and vae/ for latent mode)"
-        )
-    return path
-
-
-def _read_saved_config(root: Path) -> dict[str, Any]:
-    if not root.is_dir():
-        raise CheckpointError(f"decoder directory '{root}' does not exist")
-    path = root / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
-    """The UNet's own weights file (or the shards its index names); variants such as
-    ``.fp16`` or ``.non_ema`` next to it are ignored."""
-    single = unet_dir / "diffusion_pytorch_model.safetensors"
-    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        files = [
-            unet_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
-    else:
-        raise CheckpointError(
-            f"'{unet_dir}' has no diffusion_pytorch_model.safetensors (or sharded index); only "
-            "safetensors are read, nothing is unpickled"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
 
 
 def _to_pil(images: torch.Tensor) -> list[Any]:
