@@ -402,14 +402,13 @@ class MetaMorphModel(nn.Module):
             if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
         }
         model = cls._assemble(config, built)
+        for kind in kinds:  # components kept in model.safetensors come back in their dtype
+            if "dtype" in entries[kind]:
+                getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
         in_subfolders = {kind for kind in kinds if "subfolder" in entries[kind]}
         expected = {
             k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] not in in_subfolders
         }
-        for kind in kinds:  # components kept in model.safetensors come back in their dtype
-            if "dtype" in entries[kind]:
-                getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
-        expected = {k: v for k, v in model.state_dict().items() if k in expected}
         tensors = load_tensors_strict(path / WEIGHTS_NAME, expected, str(path))
         model.load_state_dict(tensors, strict=False)
         for key in ("image_start_id", "image_end_id"):
