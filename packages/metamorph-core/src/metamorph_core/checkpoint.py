@@ -90,6 +90,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r}")
 
 
+def jsonable(data: Any) -> Any:
+    """``data`` as it reads back from JSON (paths and dtypes become strings)."""
+    return json.loads(json.dumps(data, default=_json_default))
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     try:
         text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)

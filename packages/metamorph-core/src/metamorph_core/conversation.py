@@ -26,6 +26,14 @@ _LLAVA_ROLES = {
 }
 
 
+@dataclass(frozen=True)
+class ImageFeatures:
+    """An image already encoded (e.g. read from a feature cache): ``(num_tokens, c)`` tokens,
+    normalised as the encoder gives them. Stands in a conversation where an image would."""
+
+    tokens: Any
+
+
 @dataclass
 class Turn:
     role: str  # "system" | "user" | "assistant"

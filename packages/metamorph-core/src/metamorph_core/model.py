@@ -29,7 +29,7 @@ from metamorph_core.checkpoint import (
     write_json,
 )
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
-from metamorph_core.conversation import Conversation
+from metamorph_core.conversation import Conversation, ImageFeatures
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.interfaces import (
@@ -243,7 +243,14 @@ class MetaMorphModel(nn.Module):
         pad_id = self.sequence_builder.pad_id
         batch = pack(samples, pack_to, pad_id) if pack_to else collate(samples, pad_id=pad_id)
         images = batch.pop("images")
-        if images:
+        cached = [isinstance(x, ImageFeatures) for x in images]
+        if images and all(cached):  # encoded once, ahead of time: the encoder is skipped
+            batch["image_features"] = torch.stack([x.tokens for x in images])
+        elif any(cached):
+            raise ValueError(
+                "a batch mixes cached image features with raw images; encode all or none"
+            )
+        elif images:
             batch["pixel_values"] = self.encoder.preprocess(images)
         device = next(self.backbone.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}

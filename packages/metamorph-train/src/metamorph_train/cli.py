@@ -44,6 +44,33 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    import torch
+
+    from metamorph_core import create
+    from metamorph_train.cache import build_cache, image_paths
+    from metamorph_train.data.records import read_records
+
+    counts: dict[str, int] = {}
+    records = read_records(args.data, args.on_error, counts)
+    paths = image_paths(records)
+    if not paths:
+        raise SystemExit(f"metamorph cache-features: '{args.data}' names no images")
+    encoder = create("encoder", args.encoder, **json.loads(args.encoder_kwargs)).to(args.device)
+    out = build_cache(
+        encoder,
+        paths,
+        args.image_root,
+        args.out,
+        batch_size=args.batch_size,
+        dtype=getattr(torch, args.dtype),
+    )
+    print(
+        f"cached {len(paths)} images ({counts.get('bad_records', 0)} bad records skipped) in {out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metamorph",
@@ -54,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list registered components and their distributions")
     p.add_argument("--json", action="store_true", help="print a JSON list of components")
     p.set_defaults(func=_cmd_plugins)
+    c = sub.add_parser("cache-features", help="encode a dataset's images once into a feature cache")
+    c.add_argument("--data", required=True, help="LLaVA-style .json or .jsonl records")
+    c.add_argument(
+        "--image-root", required=True, help="directory the records' image paths are relative to"
+    )
+    c.add_argument("--out", required=True, help="cache directory")
+    c.add_argument("--encoder", required=True, help="encoder registry name, e.g. siglip")
+    c.add_argument("--encoder-kwargs", default="{}", help='JSON, e.g. \'{"pretrained": "DIR"}\'')
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    c.set_defaults(func=_cmd_cache_features)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from metamorph_core.conversation import Conversation
 from metamorph_train.data.images import ImageRoot
@@ -30,7 +31,15 @@ class ConversationDataset:
     ``dataset[i]`` return ``None`` (drop it in the collate function) and is counted in
     ``errors``; by default it raises naming the file and the record."""
 
-    def __init__(self, path: str | Path, image_root: str | Path, on_error: str = "raise") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path,
+        on_error: str = "raise",
+        feature_cache: Any = None,
+    ) -> None:
+        """``feature_cache`` (a :class:`metamorph_train.cache.FeatureCache`): images come as
+        their cached tokens and are not read."""
         self.errors = ErrorCounts()
         counts: dict[str, int] = {}
         self.records = read_records(path, on_error, counts)
@@ -40,6 +49,7 @@ class ConversationDataset:
             raise ValueError(f"data file '{path}' holds no usable records")
         self.root = ImageRoot(image_root)
         self.on_error = on_error
+        self.feature_cache = feature_cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,8 +59,11 @@ class ConversationDataset:
         paths = record.get("image", [])
         paths = [paths] if isinstance(paths, str) else paths
         try:
-            images = [self.root.load(p, record.get("id")) for p in paths]
-        except (OSError, ValueError) as e:
+            if self.feature_cache is not None:
+                images = [self.feature_cache.get(p) for p in paths]
+            else:
+                images = [self.root.load(p, record.get("id")) for p in paths]
+        except (OSError, ValueError, KeyError) as e:
             if self.on_error == "raise":
                 raise
             self.errors.add("bad_images")
