@@ -1,0 +1,205 @@
+"""The VPiT trainer: AdamW with warm-up + cosine/linear schedule, gradient accumulation and
+clipping, bf16 autocast, token-count-normalised losses, atomic checkpoints every N steps
+(last K kept) and exact resume of weights, optimizer, scheduler, RNG and data position.
+
+Loss normalisation (DESIGN.md): over one optimiser step the text loss is the sum of token
+losses over all micro-batches divided by the number of text tokens in all of them (the visual
+loss likewise), not a mean of per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metamorph_train.data.mixture import Mixture
+from metamorph_train.train_state import (
+    latest_checkpoint,
+    load_optimizer,
+    load_train_state,
+    save_train_state,
+    set_rng_state,
+)
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str
+    steps: int
+    batch_size: int = 8  # conversations per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    pack_to: int | None = None
+
+
+class Trainer:
+    """Trains ``model`` on conversations drawn from ``data``. ``trainable(name, param)``
+    picks the tuned parameters (default: those requiring grad, never the visual decoder)."""
+
+    def __init__(
+        self,
+        model: Any,
+        data: Mixture,
+        config: TrainerConfig,
+        trainable: Callable[[str, torch.nn.Parameter], bool] | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        if config.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(
+                f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
+            )
+        self.model, self.data, self.config, self.log = model, data, config, log
+        pick = trainable or (lambda n, p: p.requires_grad and not n.startswith("decoder."))
+        self.params = {n: p for n, p in model.named_parameters() if pick(n, p)}
+        if not self.params:
+            raise ValueError("no trainable parameters were selected")
+        self.out = Path(config.output_dir)
+        self.skipped = 0
+
+    def _run_signature(self) -> dict[str, Any]:
+        c = dataclasses.asdict(self.config)
+        for k in ("output_dir", "log_every", "save_every", "keep_last", "steps"):
+            c.pop(k)
+        return {**c, "params": sorted(self.params), "data": self.data.names}
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> Any:
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
+
+        warmup = int(self.config.warmup_ratio * self.config.steps)
+        if self.config.schedule == "constant":
+            return get_constant_schedule_with_warmup(optimizer, warmup)
+        make = (
+            get_cosine_schedule_with_warmup
+            if self.config.schedule == "cosine"
+            else get_linear_schedule_with_warmup
+        )
+        return make(optimizer, warmup, self.config.steps)
+
+    def _batch(self) -> dict[str, Any]:
+        items = []
+        while len(items) < self.config.batch_size:
+            _, item = self.data.next()
+            if item is None:  # a record the dataset skipped and counted
+                self.skipped += 1
+                continue
+            items.append(item)
+        return self.model.prepare_batch(items, pack_to=self.config.pack_to)
+
+    def run(self, resume: bool = True) -> dict[str, Any]:
+        """Train to ``config.steps`` (continuing from the newest checkpoint when ``resume``);
+        returns a summary. Checkpoints land in ``output_dir/step-NNNNNNN``; metrics in
+        ``output_dir/metrics.jsonl``."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".step-*.tmp-*"):  # a save cut short by a kill
+            shutil.rmtree(stale)
+        optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=c.lr, weight_decay=c.weight_decay
+        )
+        scheduler = self._schedule(optimizer)
+        start = 0
+        latest = latest_checkpoint(self.out) if resume else None
+        if latest is not None:
+            state = load_train_state(latest, self._run_signature())
+            missing = set(self.params) - set(state["weights"])
+            if missing:
+                raise ValueError(f"checkpoint '{latest}' lacks weights {sorted(missing)[:5]}")
+            with torch.no_grad():
+                for name, value in state["weights"].items():
+                    self.params[name].copy_(value)
+            load_optimizer(optimizer, state["optimizer_tensors"], state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.data.load_state_dict(state["data"])
+            set_rng_state(state["rng_tensors"], state["rng"])
+            start = state["step"]
+            if self.log:
+                self.log(f"resumed from {latest} at step {start}")
+        self.model.train()
+        metrics = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+        try:
+            last = {}
+            for step in range(start + 1, c.steps + 1):
+                last = self._step(optimizer, scheduler, step)
+                if step % c.log_every == 0 or step == c.steps:
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
+                    if self.log:
+                        self.log(
+                            f"step {step}/{c.steps}  text {last['text_loss']:.4f}  visual "
+                            f"{last['visual_loss']:.4f}  lr {last['lr']:.2e}  "
+                            f"{last['tokens_per_s']:.0f} tok/s"
+                        )
+                if (c.save_every and step % c.save_every == 0) or step == c.steps:
+                    save_train_state(
+                        self.out,
+                        step,
+                        dict(self.params),
+                        optimizer,
+                        scheduler,
+                        self.data.state_dict(),
+                        self._run_signature(),
+                        c.keep_last,
+                    )
+        finally:
+            metrics.close()
+        return {"steps": c.steps, "skipped_items": self.skipped, **last}
+
+    def _step(self, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> dict[str, Any]:
+        c = self.config
+        began = time.perf_counter()
+        micro = [self._batch() for _ in range(c.grad_accum)]
+        text_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        visual_count = sum(int(b["target_slot_mask"].sum()) for b in micro)
+        optimizer.zero_grad(set_to_none=True)
+        text_sum = visual_sum = 0.0
+        cfg = self.model.config
+        for batch in micro:
+            with torch.autocast(
+                device_type=batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=c.bf16
+            ):
+                out = self.model(**batch, return_logits=False)
+            loss = cfg.text_loss_weight * out.text_loss_sum / max(
+                text_count, 1
+            ) + cfg.visual_loss_weight * out.visual_loss_sum / max(visual_count, 1)
+            loss.backward()
+            text_sum += out.text_loss_sum.item()
+            visual_sum += out.visual_loss_sum.item()
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        return {
+            "step": step,
+            "text_loss": text_sum / max(text_count, 1),
+            "visual_loss": visual_sum / max(visual_count, 1),
+            "lr": lr,
+            "tokens_per_s": tokens / max(time.perf_counter() - began, 1e-9),
+            "text_tokens": text_count,
+            "visual_tokens": visual_count,
+        }
