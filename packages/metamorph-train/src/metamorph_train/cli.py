@@ -71,6 +71,15 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metamorph_train.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_recipe(recipe)
+    print(json.dumps({"summary": summary}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metamorph",
@@ -94,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     c.set_defaults(func=_cmd_cache_features)
+    t = sub.add_parser(
+        "train", help="train with a recipe: metamorph train RECIPE.yaml key=value ..."
+    )
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    t.set_defaults(func=_cmd_train)
     return parser
 
 

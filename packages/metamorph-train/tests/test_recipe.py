@@ -1,0 +1,107 @@
+"""Recipes and `metamorph train`: YAML + dotted overrides, unknown keys named, a run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from metamorph_core import MetaMorphModel
+from metamorph_core.testing import save_tiny_backbone
+from metamorph_train.recipe import load_recipe
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A user's own data: images on disk, LLaVA JSONL records, and a recipe."""
+    (tmp_path / "images").mkdir()
+    records = []
+    for name, rgb in COLOURS.items():
+        Image.fromarray(np.tile(np.array(rgb, np.uint8), (16, 16, 1))).save(
+            tmp_path / "images" / f"{name}.png"
+        )
+        records.append(
+            {
+                "id": f"u-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is this?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+        records.append(
+            {
+                "id": f"g-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": f"Generate an image of the colour {name}."},
+                    {"from": "gpt", "value": "Here is an image based on your request: <image>"},
+                ],
+            }
+        )
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    backbone = save_tiny_backbone(tmp_path / "llm", "qwen2")
+    recipe = {
+        "recipe": "full",
+        "model": {
+            "encoder": {
+                "name": "tiny-patch",
+                "kwargs": {"image_size": 16, "hidden_size": 24, "num_tokens": 4},
+            },
+            "backbone": {"name": "qwen2", "kwargs": {"pretrained": str(backbone)}},
+            "template": "chatml",
+        },
+        "data": {
+            "sources": [
+                {"path": str(tmp_path / "train.jsonl"), "image_root": str(tmp_path / "images")}
+            ]
+        },
+        "train": {"output_dir": str(tmp_path / "run"), "steps": 50, "batch_size": 6, "lr": 3e-3},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path
+
+
+def test_overrides_and_unknown_keys(project):
+    recipe = load_recipe(
+        project / "recipe.yaml", ["train.lr=1e-4", "train.bf16=true", "data.on_error=skip"]
+    )
+    assert recipe.train.lr == 1e-4 and recipe.train.bf16 is True and recipe.data.on_error == "skip"
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['train.learning_rate'\]"):
+        load_recipe(project / "recipe.yaml", ["train.learning_rate=1"])
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['data.sources\[0\].root'\]"):
+        load_recipe(project / "recipe.yaml", ["data.sources=[{path: x, root: y}]"])
+    with pytest.raises(ValueError, match="recipe key 'train.steps' = 'many' is not a int"):
+        load_recipe(project / "recipe.yaml", ["train.steps=many"])
+    with pytest.raises(ValueError, match="unknown recipe 'lora2'"):
+        load_recipe(project / "recipe.yaml", ["recipe=lora2"])
+
+
+def test_metamorph_train_runs_a_recipe_end_to_end(project):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metamorph_train.cli",
+            "train",
+            str(project / "recipe.yaml"),
+            "train.steps=6",
+            "train.log_every=2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout[res.stdout.index("{") :])["summary"]
+    assert summary["step"] == 6 and summary["skipped"] == {}
+    model = MetaMorphModel.from_pretrained(project / "run" / "final")
+    assert model.config.template.name == "chatml"
+    assert len((project / "run" / "metrics.jsonl").read_text().splitlines()) == 3
