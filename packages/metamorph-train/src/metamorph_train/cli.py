@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+from metamorph_core.errors import MetaMorphError  # light: no torch
 from metamorph_train import __version__
 
 
@@ -118,7 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (MetaMorphError, ValueError, KeyError, FileNotFoundError) as e:  # bad input: a message
+        if os.environ.get("METAMORPH_TRACEBACK"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"metamorph {args.command}: error: {message}", file=sys.stderr)
+        print("(set METAMORPH_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
