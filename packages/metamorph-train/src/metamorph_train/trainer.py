@@ -9,6 +9,7 @@ loss likewise), not a mean of per-micro-batch means.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from metamorph_train.data.mixture import Mixture
 from metamorph_train.train_state import (
@@ -71,8 +74,16 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if pick(n, p)}
         if not self.params:
             raise ValueError("no trainable parameters were selected")
+        for name, param in model.named_parameters():  # exactly the selected ones get gradients
+            param.requires_grad_(name in self.params)
         self.out = Path(config.output_dir)
         self.skipped = 0
+        # Under torchrun every rank draws the same global batch and keeps its share, so a run
+        # on N processes matches one process with N times the per-rank batch.
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
 
     def _run_signature(self) -> dict[str, Any]:
         c = dataclasses.asdict(self.config)
@@ -99,13 +110,14 @@ class Trainer:
 
     def _batch(self) -> dict[str, Any]:
         items = []
-        while len(items) < self.config.batch_size:
+        while len(items) < self.config.batch_size * self.world:
             _, item = self.data.next()
             if item is None:  # a record the dataset skipped and counted
                 self.skipped += 1
                 continue
             items.append(item)
-        return self.model.prepare_batch(items, pack_to=self.config.pack_to)
+        share = items[self.rank :: self.world]
+        return self.model.prepare_batch(share, pack_to=self.config.pack_to)
 
     def run(self, resume: bool = True) -> dict[str, Any]:
         """Train to ``config.steps`` (continuing from the newest checkpoint when ``resume``);
@@ -139,12 +151,12 @@ class Trainer:
             if self.log:
                 self.log(f"resumed from {latest} at step {start}")
         self.model.train()
-        metrics = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115
         try:
-            last = {}
+            last: dict[str, Any] = {}
             for step in range(start + 1, c.steps + 1):
                 last = self._step(optimizer, scheduler, step)
-                if step % c.log_every == 0 or step == c.steps:
+                if metrics is not None and (step % c.log_every == 0 or step == c.steps):
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
                     if self.log:
@@ -154,52 +166,77 @@ class Trainer:
                             f"{last['tokens_per_s']:.0f} tok/s"
                         )
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
-                    save_train_state(
-                        self.out,
-                        step,
-                        dict(self.params),
-                        optimizer,
-                        scheduler,
-                        self.data.state_dict(),
-                        self._run_signature(),
-                        c.keep_last,
-                    )
+                    if self.rank == 0:  # weights and optimizer are replicated under DDP
+                        save_train_state(
+                            self.out,
+                            step,
+                            dict(self.params),
+                            optimizer,
+                            scheduler,
+                            self.data.state_dict(),
+                            self._run_signature(),
+                            c.keep_last,
+                        )
+                    if self.world > 1:
+                        dist.barrier()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return {"steps": c.steps, "skipped_items": self.skipped, **last}
 
     def _step(self, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> dict[str, Any]:
         c = self.config
         began = time.perf_counter()
         micro = [self._batch() for _ in range(c.grad_accum)]
-        text_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        visual_count = sum(int(b["target_slot_mask"].sum()) for b in micro)
+        counts = torch.tensor(
+            [
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                sum(int(b["target_slot_mask"].sum()) for b in micro),
+            ],
+            dtype=torch.float64,
+        )
+        self._all_reduce(counts)  # the tokens of the whole step, over every rank
+        text_count, visual_count = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
         optimizer.zero_grad(set_to_none=True)
-        text_sum = visual_sum = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)
         cfg = self.model.config
-        for batch in micro:
-            with torch.autocast(
-                device_type=batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=c.bf16
-            ):
-                out = self.model(**batch, return_logits=False)
-            loss = cfg.text_loss_weight * out.text_loss_sum / max(
-                text_count, 1
-            ) + cfg.visual_loss_weight * out.visual_loss_sum / max(visual_count, 1)
-            loss.backward()
-            text_sum += out.text_loss_sum.item()
-            visual_sum += out.visual_loss_sum.item()
+        for k, batch in enumerate(micro):
+            last_micro = k == len(micro) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last_micro or self.world == 1
+                else self.forward_model.no_sync()
+            )
+            device = batch["input_ids"].device.type
+            with sync, torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=c.bf16):
+                out = self.forward_model(**batch, return_logits=False)
+                # token sums over the step's global counts; DDP averages gradients over ranks,
+                # so the world size scales them back to sums
+                loss = self.world * (
+                    cfg.text_loss_weight * out.text_loss_sum / text_count
+                    + cfg.visual_loss_weight * out.visual_loss_sum / visual_count
+                )
+                loss.backward()
+            sums += torch.tensor(
+                [out.text_loss_sum.item(), out.visual_loss_sum.item()], dtype=torch.float64
+            )
+        self._all_reduce(sums)
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm)
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        tokens = sum(int(b["input_ids"].numel()) for b in micro) * self.world
         return {
             "step": step,
-            "text_loss": text_sum / max(text_count, 1),
-            "visual_loss": visual_sum / max(visual_count, 1),
+            "text_loss": sums[0].item() / text_count,
+            "visual_loss": sums[1].item() / visual_count,
             "lr": lr,
             "tokens_per_s": tokens / max(time.perf_counter() - began, 1e-9),
-            "text_tokens": text_count,
-            "visual_tokens": visual_count,
+            "text_tokens": int(counts[0]),
+            "visual_tokens": int(counts[1]),
         }
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
