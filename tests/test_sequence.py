@@ -183,3 +183,20 @@ def test_truncation_is_logged(llama, caplog):
     with caplog.at_level("WARNING", logger="metamorph"):
         _builder(llama, max_length=full.image_slots[1], truncation=True).encode(conv)
     assert "sample 'multi' truncated" in caplog.text and "1 image(s) cut" in caplog.text
+
+
+def test_prompt_dropping_keeps_only_the_answer(llama):
+    edit = Conversation(
+        [Turn("user", "<image>\nmake it blue"), Turn("assistant", "here: <image>")],
+        [image(1), image(2)],
+        id="edit",
+    )
+    dropped = edit.drop_prompt()
+    assert [t.content for t in dropped.turns] == ["", "here: <image>"]
+    assert len(dropped.images) == 1 and dropped.images[0] is edit.images[1]
+    assert (
+        dropped.has_target_image
+        and not Conversation([Turn("user", "<image>")], [image(0)]).has_target_image
+    )
+    s = _builder(llama).encode(dropped)
+    assert s.image_targets == [True]

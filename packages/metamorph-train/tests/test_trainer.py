@@ -117,3 +117,19 @@ def test_resuming_another_runs_directory_is_refused(backbone, tmp_path):
         CheckpointError, match=r"another run configuration.*'lr': \(0.001, 0.0005\)"
     ):
         Trainer(_model(backbone), _data(), other, log=None).run()
+
+
+def test_prompt_dropout_drops_only_generation_prompts(backbone, tmp_path):
+    trainer = Trainer(
+        _model(backbone),
+        _data(),
+        TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12, prompt_dropout=0.5),
+        log=None,
+    )
+    seen = []
+    trainer.model.prepare_batch = lambda items, pack_to=None: seen.extend(items) or {}
+    trainer._batch()
+    gen = [c for c in seen if c.has_target_image]
+    dropped = [c for c in gen if c.turns[0].content == ""]
+    assert 0 < len(dropped) < len(gen)
+    assert all(c.turns[0].content for c in seen if not c.has_target_image)

@@ -63,6 +63,27 @@ class Conversation:
     def num_placeholders(self) -> int:
         return sum(t.content.count(IMAGE_PLACEHOLDER) for t in self.turns)
 
+    @property
+    def has_target_image(self) -> bool:
+        """Whether an assistant turn holds an image (a generation target)."""
+        return any(t.role == "assistant" and IMAGE_PLACEHOLDER in t.content for t in self.turns)
+
+    def drop_prompt(self) -> Conversation:
+        """The unconditional version of a generation sample: every user turn emptied (its
+        images with it). Training with some of these (prompt dropout) gives classifier-free
+        guidance on visual tokens a meaningful unconditional branch; inference builds its
+        unconditional input with this same function."""
+        turns, images, k = [], [], 0
+        for turn in self.turns:
+            n = turn.content.count(IMAGE_PLACEHOLDER)
+            if turn.role == "user":
+                turns.append(Turn("user", ""))
+            else:
+                turns.append(turn)
+                images += self.images[k : k + n]
+            k += n
+        return Conversation(turns, images, self.id)
+
     @classmethod
     def from_llava(cls, record: dict[str, Any], images: list[Any] | None = None) -> Conversation:
         """A LLaVA-style record (``{"id", "image", "conversations": [{"from", "value"}]}``).

@@ -51,6 +51,7 @@ class TrainerConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     pack_to: int | None = None
+    prompt_dropout: float = 0.0  # share of generation samples trained with the prompt dropped
 
 
 class Trainer:
@@ -115,6 +116,14 @@ class Trainer:
             if item is None:  # a record the dataset skipped and counted
                 self.skipped += 1
                 continue
+            # drawn from the mixture's generator: identical on every rank, saved with the data
+            p = self.config.prompt_dropout
+            if (
+                p > 0
+                and item.has_target_image
+                and torch.rand(1, generator=self.data.gen).item() < p
+            ):
+                item = item.drop_prompt()
             items.append(item)
         share = items[self.rank :: self.world]
         return self.model.prepare_batch(share, pack_to=self.config.pack_to)
