@@ -105,3 +105,51 @@ def test_metamorph_train_runs_a_recipe_end_to_end(project):
     model = MetaMorphModel.from_pretrained(project / "run" / "final")
     assert model.config.template.name == "chatml"
     assert len((project / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_lora_recipe_trains_saves_reloads_and_merges(project):
+    run = [sys.executable, "-m", "metamorph_train.cli"]
+    res = subprocess.run(
+        run
+        + [
+            "train",
+            str(project / "recipe.yaml"),
+            "recipe=lora",
+            "lora={r: 16, alpha: 64}",
+            "train.steps=80",
+            "train.lr=1e-2",
+            "train.log_every=1",
+            f"train.output_dir={project / 'lora'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in (project / "lora" / "metrics.jsonl").read_text().splitlines()]
+    ratios = {}
+    for key in ("text_loss", "visual_loss"):
+        ratios[key] = sum(r[key] for r in rows[-3:]) / sum(r[key] for r in rows[:3])
+    # measured: text 0.86, visual 0.02 (LoRA on a random tiny LLM learns text slowly)
+    assert ratios["text_loss"] < 0.95 and ratios["visual_loss"] < 0.5, ratios
+    final = project / "lora" / "final"
+    assert (final / "backbone" / "adapter_model.safetensors").is_file()
+    assert not (final / "backbone" / "model.safetensors").exists()  # only the adapter
+    merged = project / "merged"
+    res = subprocess.run(
+        run + ["merge-lora", str(final), str(merged)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (merged / "backbone" / "model.safetensors").is_file()
+    import torch
+
+    from metamorph_core.testing import samples
+
+    a, b = (
+        MetaMorphModel.from_pretrained(final).eval(),
+        MetaMorphModel.from_pretrained(merged).eval(),
+    )
+    batch = a.prepare_batch([samples.understanding(size=16), samples.generation(size=16)])
+    with torch.no_grad():
+        la, lb = a(**batch), b(**batch)
+    assert abs(la.loss.item() - lb.loss.item()) < 1e-4
+    assert torch.allclose(la.logits, lb.logits, atol=1e-4)

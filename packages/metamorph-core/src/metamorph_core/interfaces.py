@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+#: In the reload kwargs a component returns from ``save_pretrained``, this value stands for the
+#: subfolder it was saved in. Without it, the loader passes ``pretrained=<subfolder>``.
+SUBFOLDER = "<subfolder>"
+
 
 class Component(nn.Module):
     """A registered building block.

@@ -33,6 +33,7 @@ from metamorph_core.conversation import Conversation, ImageFeatures
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.interfaces import (
+    SUBFOLDER,
     Backbone,
     Projector,
     VisionEncoder,
@@ -191,6 +192,18 @@ class MetaMorphModel(nn.Module):
             model._check_decoder(decoder)
             model.decoder = decoder  # config.decoder already says how it was built
         return model
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def apply_lora(self, **lora: Any) -> None:
+        """Wrap the backbone's LLM with peft LoRA (see ``HFCausalLM.apply_lora``); the image
+        tokens' embedding rows train through peft's trainable tokens."""
+        if not hasattr(self.backbone, "apply_lora"):
+            raise ValueError(f"backbone '{self.config.backbone.name}' does not support LoRA")
+        self.backbone.apply_lora(**lora)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA weights (and trained token rows) into the backbone's own weights."""
+        self.backbone.merge_lora()
 
     # -- decoding ----------------------------------------------------------------------------
     def attach_decoder(self, decoder: VisualDecoder) -> None:
@@ -437,7 +450,11 @@ class MetaMorphModel(nn.Module):
                 raise CheckpointError(
                     f"{path}: the {kind} subfolder '{entry['subfolder']}/' is missing"
                 )
-            kwargs = {**entry["load_kwargs"], "pretrained": str(sub)}
+            kwargs = dict(entry["load_kwargs"])
+            if SUBFOLDER in kwargs.values():
+                kwargs = {k: str(sub) if v == SUBFOLDER else v for k, v in kwargs.items()}
+            else:
+                kwargs["pretrained"] = str(sub)
         if dtype is not None and kind == "backbone":
             kwargs["dtype"] = dtype
         return create(kind, entry["name"], **kwargs)

@@ -82,6 +82,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from metamorph_core import MetaMorphModel
+
+    model = MetaMorphModel.from_pretrained(args.checkpoint)
+    model.merge_lora()
+    print(f"merged LoRA into a full checkpoint: {model.save_pretrained(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metamorph",
@@ -111,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     t.set_defaults(func=_cmd_train)
+    m = sub.add_parser("merge-lora", help="write a plain full checkpoint from a LoRA checkpoint")
+    m.add_argument("checkpoint", help="a MetaMorph checkpoint trained with recipe lora")
+    m.add_argument("out", help="where to write the merged checkpoint")
+    m.set_defaults(func=_cmd_merge_lora)
     return parser
 
 

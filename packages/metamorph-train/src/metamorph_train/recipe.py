@@ -2,7 +2,9 @@
 (``train.lr=1e-4``), parsed into typed dataclasses. Unknown keys fail naming their path.
 
 ```yaml
-recipe: full                # full: all but the encoder (stage 2); projector: projector only (stage 1)
+recipe: full                # full: all but the encoder (stage 2); projector: projector only
+                            # (stage 1); lora: LoRA on the LLM + projector + head
+lora: {r: 16, alpha: 32}    # recipe lora only
 model:                      # metamorph_core.MetaMorphConfig fields
   encoder: {name: siglip, kwargs: {pretrained: google/siglip-so400m-patch14-384}}
   backbone: {name: llama, kwargs: {pretrained: meta-llama/Llama-3.1-8B-Instruct, dtype: bfloat16}}
@@ -33,9 +35,14 @@ import yaml
 
 from metamorph_train.trainer import TrainerConfig
 
+# recipe -> which parameters train (after LoRA is applied, for "lora")
 RECIPES = {
-    "full": lambda name: not name.startswith(("encoder.", "decoder.")),
-    "projector": lambda name: name.startswith("projector."),
+    "full": lambda name, p: not name.startswith(("encoder.", "decoder.")),
+    "projector": lambda name, p: name.startswith("projector."),
+    "lora": lambda name, p: (
+        name.startswith(("projector.", "head."))
+        or (name.startswith("backbone.") and p.requires_grad)
+    ),
 }
 
 
@@ -62,6 +69,7 @@ class Recipe:
     train: TrainerConfig
     recipe: str = "full"
     init_from: str | None = None
+    lora: dict[str, Any] | None = None  # HFCausalLM.apply_lora options, for recipe "lora"
 
 
 def _typed(cls: type, data: Any, where: str) -> Any:
@@ -167,6 +175,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         train=_typed(TrainerConfig, tree.get("train") or {}, "train"),
         recipe=tree.get("recipe", "full"),
         init_from=tree.get("init_from"),
+        lora=tree.get("lora"),
     )
 
 
@@ -181,6 +190,12 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
         model = MetaMorphModel.from_pretrained(recipe.init_from)
     else:
         model = MetaMorphModel.from_config(recipe.model)
+    if recipe.recipe == "lora":
+        model.apply_lora(**(recipe.lora or {}))
+    elif recipe.lora:
+        raise ValueError(
+            f"recipe key 'lora' is set but recipe is '{recipe.recipe}'; use recipe: lora"
+        )
     cache = (
         FeatureCache(recipe.data.feature_cache, model.encoder)
         if recipe.data.feature_cache
@@ -193,9 +208,7 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
         weights[name] = s.weight
     mixture = Mixture(datasets, weights, seed=recipe.data.seed)
     pick = RECIPES[recipe.recipe]
-    trainer = Trainer(model, mixture, recipe.train, trainable=lambda n, p: pick(n), log=log)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainer.params)
+    trainer = Trainer(model, mixture, recipe.train, trainable=pick, log=log)
     summary = trainer.run()
     final = model.save_pretrained(Path(recipe.train.output_dir) / "final")
     errors: dict[str, int] = {}

@@ -18,7 +18,7 @@ import torch
 
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
-from metamorph_core.interfaces import Backbone, BackboneOutput
+from metamorph_core.interfaces import SUBFOLDER, Backbone, BackboneOutput
 
 IMAGE_START = "<image_start>"
 IMAGE_END = "<image_end>"
@@ -37,8 +37,11 @@ class HFCausalLM(Backbone):
         attn_implementation: str | None = None,
         seed: int | None = None,
         strict: bool = False,
+        lora_adapter: str | Path | None = None,
     ) -> None:
         super().__init__()
+        self._lora: dict[str, Any] | None = None
+        self._source = str(pretrained) if pretrained is not None else None
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if (pretrained is None) == (config is None):
@@ -92,32 +95,94 @@ class HFCausalLM(Backbone):
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.image_start_id = self.tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_end_id = self.tokenizer.convert_tokens_to_ids(IMAGE_END)
+        if lora_adapter is not None:
+            peft = _import_peft()
+            self.lm = peft.PeftModel.from_pretrained(self.lm, str(lora_adapter), is_trainable=True)
+            cfg = self.lm.peft_config["default"]
+            self._lora = {
+                "r": cfg.r,
+                "alpha": cfg.lora_alpha,
+                "dropout": cfg.lora_dropout,
+                "target_modules": cfg.target_modules,
+            }
         self._init_kwargs = {
             "trust_remote_code": trust_remote_code,
             "attn_implementation": attn_implementation,
         }
 
     def _add_image_tokens(self) -> None:
+        """Add the image tokens if the tokenizer lacks them, and give every token id an
+        embedding row (a tokenizer saved with a LoRA adapter already has them while its base
+        model does not). New rows start at the mean of the existing rows."""
         from transformers import AddedToken
 
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in (IMAGE_START, IMAGE_END) if t not in vocab]
-        if not missing:
-            return
-        n_before = len(self.tokenizer)
-        self.tokenizer.add_tokens(
-            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
-        )
-        new_ids = self.tokenizer.convert_tokens_to_ids(missing)
+        if missing:
+            self.tokenizer.add_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in missing],
+                special_tokens=True,
+            )
+        ids = self.tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
         rows = self.lm.get_input_embeddings().num_embeddings
-        if max(new_ids) >= rows:  # only ever grow; padded matrices keep their rows
-            self.lm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+        if not missing and max(ids) < rows:
+            return
+        n_before = min(ids) if not missing else len(self.tokenizer) - len(missing)
+        n_before = min(n_before, rows)
+        if max(ids) >= rows:  # only ever grow; padded matrices keep their rows
+            self.lm.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+        new_ids = [i for i in ids if i >= n_before]
         with torch.no_grad():
             w_in = self.lm.get_input_embeddings().weight
             w_in[new_ids] = w_in[:n_before].mean(dim=0, keepdim=True)
             head = self.lm.get_output_embeddings()
             if head is not None and head.weight.data_ptr() != w_in.data_ptr():
                 head.weight[new_ids] = head.weight[:n_before].mean(dim=0, keepdim=True)
+
+    # -- LoRA ------------------------------------------------------------------------------
+    def apply_lora(
+        self,
+        r: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.0,
+        target_modules: list[str] | str = "all-linear",
+    ) -> None:
+        """Wrap the LLM with peft LoRA. The base weights freeze; LoRA matrices train, and the
+        image tokens' rows train through peft's trainable tokens (on the input embedding and,
+        when it is not tied, on ``lm_head``)."""
+        peft = _import_peft()
+        if self._lora is not None:
+            raise ValueError("the backbone already has LoRA applied")
+        tied = (
+            self.lm.get_output_embeddings().weight.data_ptr()
+            == self.lm.get_input_embeddings().weight.data_ptr()
+        )
+        ids = [self.image_start_id, self.image_end_id]
+        names = {m: n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules()}
+        tokens = {names[self.lm.get_input_embeddings()]: ids}
+        if not tied:
+            tokens[names[self.lm.get_output_embeddings()]] = ids
+        self._lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
+        config = peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            trainable_token_indices=tokens,
+            task_type="CAUSAL_LM",
+        )
+        self.lm = peft.get_peft_model(self.lm, config)
+
+    def merge_lora(self) -> None:
+        if self._lora is None:
+            raise ValueError("the backbone has no LoRA to merge")
+        self.lm = self.lm.merge_and_unload()
+        self._lora = None
+
+    @property
+    def causal_lm(self) -> Any:
+        """The transformers causal LM (inside peft's wrapper when LoRA is applied)."""
+        return self.lm.get_base_model() if self._lora is not None else self.lm
 
     @property
     def pad_id(self) -> int:
@@ -128,10 +193,10 @@ class HFCausalLM(Backbone):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
+        return self.causal_lm.get_input_embeddings().weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(input_ids)
+        return self.causal_lm.get_input_embeddings()(input_ids)
 
     def forward(
         self,
@@ -141,7 +206,7 @@ class HFCausalLM(Backbone):
         cache: Any = None,
         use_cache: bool = False,
     ) -> BackboneOutput:
-        out = self.lm.base_model(
+        out = self.causal_lm.base_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -151,12 +216,35 @@ class HFCausalLM(Backbone):
         return BackboneOutput(out.last_hidden_state, getattr(out, self._cache_arg, None))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.get_output_embeddings()(hidden_states)
+        logits = self.causal_lm.get_output_embeddings()(hidden_states)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
-        self.lm.save_pretrained(str(directory))
+        """The full model in transformers format; with LoRA, only the peft adapter (and the
+        tokenizer), referring to the base model by its source."""
         self.tokenizer.save_pretrained(str(directory))
-        return {**self._init_kwargs, "dtype": dtype_name(self.dtype), "strict": True}
+        kwargs = {**self._init_kwargs, "dtype": dtype_name(self.dtype)}
+        if self._lora is None:
+            self.lm.save_pretrained(str(directory))
+            return {**kwargs, "strict": True}
+        if self._source is None or not (Path(self._source).is_dir() or "/" in self._source):
+            raise ValueError(
+                "a LoRA checkpoint refers to its base model, but this backbone was built from a "
+                "config; save the base with save_pretrained first and build from that directory"
+            )
+        self.lm.save_pretrained(str(directory))
+        source = str(Path(self._source).resolve()) if Path(self._source).is_dir() else self._source
+        return {**kwargs, "pretrained": source, "tokenizer": SUBFOLDER, "lora_adapter": SUBFOLDER}
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError(
+            "LoRA needs peft, which metamorph-core does not install by default: "
+            "pip install 'metamorph-core[lora]'"
+        ) from e
+    return peft
