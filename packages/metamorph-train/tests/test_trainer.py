@@ -59,19 +59,21 @@ def test_a_short_full_run_lowers_both_losses(backbone, tmp_path):
 
 
 def test_accumulation_normalises_by_all_tokens_of_the_step(backbone, tmp_path):
+    """Splitting a step into micro-batches, or recomputing activations, changes nothing."""
     weights = []
-    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+    for batch, accum, ckpt in ((8, 1, False), (4, 2, False), (2, 4, False), (4, 2, True)):
         t = Trainer(
             _model(backbone),
             _data(),
             TrainerConfig(
-                output_dir=str(tmp_path / f"{batch}x{accum}"),
+                output_dir=str(tmp_path / f"{batch}x{accum}-{ckpt}"),
                 steps=1,
                 batch_size=batch,
                 grad_accum=accum,
                 lr=1e-2,
                 warmup_ratio=0.0,
                 schedule="constant",
+                gradient_checkpointing=ckpt,
             ),
             log=None,
         )

@@ -52,6 +52,7 @@ class TrainerConfig:
     keep_last: int = 2
     pack_to: int | None = None
     prompt_dropout: float = 0.0  # share of generation samples trained with the prompt dropped
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
 
 
 class Trainer:
@@ -84,6 +85,10 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
+        if config.gradient_checkpointing:
+            model.backbone.causal_lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
 
     def _run_signature(self) -> dict[str, Any]:
