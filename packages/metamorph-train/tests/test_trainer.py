@@ -135,3 +135,19 @@ def test_prompt_dropout_drops_only_generation_prompts(backbone, tmp_path):
     dropped = [c for c in gen if c.turns[0].content == ""]
     assert 0 < len(dropped) < len(gen)
     assert all(c.turns[0].content for c in seen if not c.has_target_image)
+
+
+def test_bf16_autocast_step_runs_and_learns(backbone, tmp_path):
+    t = Trainer(
+        _model(backbone),
+        _data(),
+        TrainerConfig(
+            output_dir=str(tmp_path), steps=8, batch_size=6, lr=3e-3, bf16=True, log_every=1
+        ),
+        log=None,
+    )
+    t.run()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["text_loss"] == r["text_loss"] for r in rows)  # no NaN
+    assert rows[-1]["visual_loss"] < rows[0]["visual_loss"]
+    assert next(iter(t.params.values())).dtype == torch.float32  # fp32 masters
