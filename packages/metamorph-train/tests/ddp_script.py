@@ -51,10 +51,13 @@ class Recording(Trainer):
 
 def main() -> None:
     backbone, out, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    strategy, lora = sys.argv[4], sys.argv[5] == "lora"
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = MetaMorphModel.from_config(tiny_model_config(backbone))
+    if lora:
+        model.apply_lora(r=4, alpha=8)
     data = Mixture({"mixed": conversations()}, {"mixed": 1.0}, seed=0)
     cfg = TrainerConfig(
         output_dir=out,
@@ -65,9 +68,15 @@ def main() -> None:
         warmup_ratio=0.0,
         schedule="constant",
         max_grad_norm=None,
+        strategy=strategy,
     )
-    trainer = Recording(model, data, cfg, log=None)
+    pick = (lambda n, p: p.requires_grad and not n.startswith("encoder.")) if lora else None
+    trainer = Recording(model, data, cfg, trainable=pick, log=None)
     trainer.seen = []
+    if trainer.strategy == "fsdp":  # really sharded: every trainable parameter is a DTensor
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(p, DTensor) for p in trainer.params.values())
     trainer.run()
     seen = [trainer.seen]
     if dist.is_initialized():

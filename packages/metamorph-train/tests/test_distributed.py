@@ -1,5 +1,6 @@
-"""torchrun with 2 CPU processes (gloo, DDP) matches one process on the same global batch,
-on data where the ranks hold different numbers of text tokens and target images."""
+"""torchrun with 2 CPU processes (gloo; DDP, FSDP2, and LoRA under FSDP2) matches one process
+on the same global batch, on data where the ranks hold different numbers of text tokens and
+target images."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from metamorph_core.testing import save_tiny_backbone
@@ -16,17 +18,20 @@ from metamorph_core.testing import save_tiny_backbone
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def test_ddp_matches_a_single_process(tmp_path):
+@pytest.mark.parametrize(
+    ("strategy", "lora"), [("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora")]
+)
+def test_two_processes_match_one(tmp_path, strategy, lora):
     backbone = save_tiny_backbone(tmp_path / "bb", "llama", seed=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
-        [sys.executable, str(SCRIPT), str(backbone), str(tmp_path / "one"), "4"],
+        [sys.executable, str(SCRIPT), str(backbone), str(tmp_path / "one"), "4", "ddp", lora],
         capture_output=True,
         text=True,
         env=env,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
+    two = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -37,15 +42,16 @@ def test_ddp_matches_a_single_process(tmp_path):
             str(backbone),
             str(tmp_path / "two"),
             "2",
+            strategy,
+            lora,
         ],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    seen = json.loads((tmp_path / "two" / "seen.json").read_text())
-    rank0, rank1 = seen
+    assert two.returncode == 0, two.stderr[-3000:]
+    rank0, rank1 = json.loads((tmp_path / "two" / "seen.json").read_text())
     assert any(a[0] != b[0] for a, b in zip(rank0, rank1, strict=True))  # text tokens differ
     assert any(a[1] != b[1] for a, b in zip(rank0, rank1, strict=True))  # target tokens differ
     whole = json.loads((tmp_path / "one" / "seen.json").read_text())[0]
@@ -53,5 +59,7 @@ def test_ddp_matches_a_single_process(tmp_path):
     a = load_file(str(tmp_path / "one" / "step-0000003" / "weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "step-0000003" / "weights.safetensors"))
     assert a.keys() == b.keys()
+    if lora == "lora":
+        assert any("lora_" in k for k in a) and any("trainable_tokens" in k for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst

@@ -19,32 +19,26 @@ FORMAT = "metamorph-train-state"
 STEP_PREFIX = "step-"
 
 
-def optimizer_tensors(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state as flat tensors plus JSON (param groups, non-tensor state)."""
-    state = optimizer.state_dict()
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict (ids or, under FSDP, parameter names as keys) as flat tensors
+    plus JSON (param groups, non-tensor state)."""
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous().clone()
+                tensors[f"{pid}::{key}"] = value.detach().contiguous().clone()
             else:
-                scalars[f"{pid}.{key}"] = value
+                scalars[f"{pid}::{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_tensors`."""
+    state: dict[Any, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, key = name.split("::", 1)
+        state.setdefault(int(pid) if pid.isdigit() else pid, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -69,7 +63,7 @@ def save_train_state(
     directory: Path,
     step: int,
     weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optim_state: dict[str, Any],
     scheduler: Any,
     data_state: dict[str, Any],
     run: dict[str, Any],
@@ -82,7 +76,7 @@ def save_train_state(
             {k: v.detach().contiguous().clone() for k, v in weights.items()},
             str(tmp / "weights.safetensors"),
         )
-        opt_t, opt_meta = optimizer_tensors(optimizer)
+        opt_t, opt_meta = optimizer_tensors(optim_state)
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         rng_t, rng_meta = rng_state()
         save_file(rng_t, str(tmp / "rng.safetensors"))

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
+from metamorph_train import distributed
 from metamorph_train.data.mixture import Mixture
 from metamorph_train.train_state import (
     latest_checkpoint,
-    load_optimizer,
     load_train_state,
+    optimizer_state,
     save_train_state,
     set_rng_state,
 )
@@ -53,6 +53,7 @@ class TrainerConfig:
     pack_to: int | None = None
     prompt_dropout: float = 0.0  # share of generation samples trained with the prompt dropped
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
+    strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
 
 
 class Trainer:
@@ -73,11 +74,11 @@ class Trainer:
             )
         self.model, self.data, self.config, self.log = model, data, config, log
         pick = trainable or (lambda n, p: p.requires_grad and not n.startswith("decoder."))
-        self.params = {n: p for n, p in model.named_parameters() if pick(n, p)}
-        if not self.params:
+        names = {n for n, p in model.named_parameters() if pick(n, p)}
+        if not names:
             raise ValueError("no trainable parameters were selected")
         for name, param in model.named_parameters():  # exactly the selected ones get gradients
-            param.requires_grad_(name in self.params)
+            param.requires_grad_(name in names)
         self.out = Path(config.output_dir)
         self.skipped = 0
         # Under torchrun every rank draws the same global batch and keeps its share, so a run
@@ -89,7 +90,10 @@ class Trainer:
             model.backbone.causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
+        self.strategy = config.strategy if self.world > 1 else None
+        self.forward_model = distributed.wrap(model, self.strategy) if self.strategy else model
+        # after sharding: FSDP2 replaces parameters with sharded ones of the same names
+        self.params = {n: p for n, p in model.named_parameters() if n in names}
 
     def _run_signature(self) -> dict[str, Any]:
         c = dataclasses.asdict(self.config)
@@ -154,10 +158,9 @@ class Trainer:
             missing = set(self.params) - set(state["weights"])
             if missing:
                 raise ValueError(f"checkpoint '{latest}' lacks weights {sorted(missing)[:5]}")
-            with torch.no_grad():
-                for name, value in state["weights"].items():
-                    self.params[name].copy_(value)
-            load_optimizer(optimizer, state["optimizer_tensors"], state["optimizer"])
+            distributed.load_weights(self.model, state["weights"], self.strategy)
+            optim = optimizer_state(state["optimizer_tensors"], state["optimizer"])
+            distributed.load_optimizer_state(self.model, optimizer, optim, self.strategy)
             scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             set_rng_state(state["rng_tensors"], state["rng"])
@@ -180,12 +183,17 @@ class Trainer:
                             f"{last['tokens_per_s']:.0f} tok/s"
                         )
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
-                    if self.rank == 0:  # weights and optimizer are replicated under DDP
+                    # full tensors (a collective under FSDP); rank 0 writes them
+                    weights = distributed.full_weights(
+                        self.model, sorted(self.params), self.strategy
+                    )
+                    optim = distributed.full_optimizer_state(self.model, optimizer, self.strategy)
+                    if self.rank == 0:
                         save_train_state(
                             self.out,
                             step,
-                            dict(self.params),
-                            optimizer,
+                            weights,
+                            optim,
                             scheduler,
                             self.data.state_dict(),
                             self._run_signature(),
@@ -218,8 +226,8 @@ class Trainer:
             last_micro = k == len(micro) - 1
             sync = (
                 contextlib.nullcontext()
-                if last_micro or self.world == 1
-                else self.forward_model.no_sync()
+                if last_micro or self.strategy is None
+                else distributed.no_sync(self.forward_model, self.strategy)
             )
             device = batch["input_ids"].device.type
             with sync, torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=c.bf16):
@@ -252,5 +260,4 @@ class Trainer:
         }
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        distributed.all_reduce_sum(tensor)

@@ -1,0 +1,102 @@
+"""PyTorch's own distributed engines for the trainer: DDP, and FSDP2 (``fully_shard``) with
+full state dicts gathered for checkpoints. Start processes with ``torchrun``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap(model: Any, strategy: str) -> Any:
+    """The module the training loop calls. ``fsdp`` shards every LLM block, then the rest."""
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown distributed strategy '{strategy}'; use {' or '.join(STRATEGIES)}"
+        )
+    if strategy == "ddp":
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.backbone.causal_lm.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def no_sync(wrapped: Any, strategy: str) -> Any:
+    """A context that skips the gradient all-reduce for a micro-batch."""
+    if strategy == "ddp":
+        return wrapped.no_sync()
+    return _FsdpNoSync(wrapped)
+
+
+class _FsdpNoSync:
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.set_requires_gradient_sync(True)
+
+
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def full_weights(model: Any, names: list[str], strategy: str | None) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of ``names``; under FSDP a collective every rank must call,
+    whose result is complete on rank 0 (the rank that writes checkpoints)."""
+    if strategy != "fsdp":
+        params = dict(model.named_parameters())
+        return {n: params[n].detach() for n in names}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options())
+    if dist.get_rank() != 0:  # with cpu_offload the full tensors land on rank 0 only
+        return {}
+    return {n: state[n] for n in names}
+
+
+def load_weights(model: Any, weights: dict[str, torch.Tensor], strategy: str | None) -> None:
+    if strategy != "fsdp":
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, weights, options=_options(strict=False))
+
+
+def full_optimizer_state(model: Any, optimizer: Any, strategy: str | None) -> dict[str, Any]:
+    if strategy != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_optimizer_state(
+    model: Any, optimizer: Any, state: dict[str, Any], strategy: str | None
+) -> None:
+    if strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
