@@ -20,11 +20,16 @@ def wrap(model: Any, strategy: str) -> Any:
         )
     if strategy == "ddp":
         return DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the mesh follows the model's device (fully_shard would otherwise pick CUDA whenever it
+    # exists, even for a model on the CPU)
+    device = next(model.parameters()).device.type
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
     for layer in model.backbone.causal_lm.base_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
