@@ -153,3 +153,31 @@ def test_lora_recipe_trains_saves_reloads_and_merges(project):
         la, lb = a(**batch), b(**batch)
     assert abs(la.loss.item() - lb.loss.item()) < 1e-4
     assert torch.allclose(la.logits, lb.logits, atol=1e-4)
+
+
+def test_metamorph_train_under_torchrun(project):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29566",
+            "-m",
+            "metamorph_train.cli",
+            "train",
+            str(project / "recipe.yaml"),
+            "train.steps=2",
+            "train.batch_size=2",
+            f"train.output_dir={project / 'ddp'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    MetaMorphModel.from_pretrained(project / "ddp" / "final")
+    rows = (project / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1  # rank 0 alone writes metrics (logged at the last step)

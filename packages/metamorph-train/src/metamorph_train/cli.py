@@ -77,6 +77,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from metamorph_train.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     summary = run_recipe(recipe)
     print(json.dumps({"summary": summary}, indent=2))
     return 0

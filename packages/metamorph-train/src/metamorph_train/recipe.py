@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from metamorph_train.trainer import TrainerConfig
@@ -207,10 +208,20 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
         datasets[name] = ConversationDataset(s.path, s.image_root, recipe.data.on_error, cache)
         weights[name] = s.weight
     mixture = Mixture(datasets, weights, seed=recipe.data.seed)
+    if torch.distributed.is_initialized() and recipe.train.strategy == "fsdp":
+        raise ValueError(
+            "recipes under FSDP2 cannot write their final checkpoint yet (it needs a gathered "
+            "state dict); use train.strategy=ddp, or the Trainer API, whose step checkpoints "
+            "are gathered"
+        )
     pick = RECIPES[recipe.recipe]
     trainer = Trainer(model, mixture, recipe.train, trainable=pick, log=log)
     summary = trainer.run()
-    final = model.save_pretrained(Path(recipe.train.output_dir) / "final")
+    final = Path(recipe.train.output_dir) / "final"
+    if trainer.rank == 0:  # DDP replicas are identical; one writer
+        model.save_pretrained(final)
+    if trainer.world > 1:
+        torch.distributed.barrier()
     errors: dict[str, int] = {}
     for d in datasets.values():
         for k, v in d.errors.summary().items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import shutil
 import time
@@ -54,6 +55,7 @@ class TrainerConfig:
     prompt_dropout: float = 0.0  # share of generation samples trained with the prompt dropped
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
+    device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
 
 
 class Trainer:
@@ -90,6 +92,11 @@ class Trainer:
             model.backbone.causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        device = config.device
+        if device == "auto":
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        model.to(device)
         self.strategy = config.strategy if self.world > 1 else None
         self.forward_model = distributed.wrap(model, self.strategy) if self.strategy else model
         # after sharding: FSDP2 replaces parameters with sharded ones of the same names
