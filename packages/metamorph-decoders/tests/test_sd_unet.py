@@ -73,6 +73,14 @@ def data():
     return torch.randn(4, 4, 24, generator=g), torch.rand(4, 3, 16, 16, generator=g)
 
 
+def _record_contexts(dec, seen: list):
+    """Append every context the UNet receives to ``seen``; returns the hook handle."""
+    return dec.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()),
+        with_kwargs=True,
+    )
+
+
 def fixed_loss(dec, tokens, pixels):
     dec.eval()
     with torch.no_grad():
@@ -127,10 +135,7 @@ def test_dropped_conditioning_is_exactly_the_unconditional_branch(sd_dirs):
             with torch.no_grad():
                 dec.null_context.normal_()
         seen = []
-        hook = dec.unet.register_forward_pre_hook(
-            lambda m, args, kwargs, seen=seen: seen.append(kwargs["encoder_hidden_states"].clone()),
-            with_kwargs=True,
-        )
+        hook = _record_contexts(dec, seen)
         tokens, pixels = data()
         dec.train()
         dec.loss(tokens, pixels)  # p = 1: every sample dropped
@@ -331,10 +336,7 @@ def test_sd15_scheduler_and_weight_variants(sd_dirs, tmp_path, caplog):
 def test_dropout_is_per_sample_and_off_in_eval(sd_dirs):
     dec = decoder(sd_dirs / "pixel", cond_dropout=0.5)
     seen = []
-    hook = dec.unet.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()),
-        with_kwargs=True,
-    )
+    hook = _record_contexts(dec, seen)
     tokens, pixels = data()
     dec.train()
     dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(0))
