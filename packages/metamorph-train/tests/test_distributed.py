@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from metamorph_core.testing import save_tiny_backbone
+from metamorph_core.testing import free_port, save_tiny_backbone
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
@@ -37,7 +37,7 @@ def test_two_processes_match_one(tmp_path, strategy, lora):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={free_port()}",
             str(SCRIPT),
             str(backbone),
             str(tmp_path / "two"),

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from metamorph_core import MetaMorphModel
-from metamorph_core.testing import save_tiny_backbone
+from metamorph_core.testing import free_port, save_tiny_backbone
 from metamorph_train.recipe import load_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
@@ -163,7 +163,7 @@ def test_metamorph_train_under_torchrun(project):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29566",
+            f"--master_port={free_port()}",
             "-m",
             "metamorph_train.cli",
             "train",

@@ -10,7 +10,19 @@ from metamorph_core.testing.tiny import (
     tiny_model_config,
 )
 
+
+def free_port() -> int:
+    """A local TCP port nobody listens on now, for torchrun's ``--master_port`` in tests
+    (fixed ports collide between consecutive runs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 __all__ = [
+    "free_port",
     "TINY_FAMILIES",
     "build_tiny_tokenizer",
     "check_encoder",
