@@ -41,8 +41,8 @@ def conversations():
 class Recording(Trainer):
     seen: list
 
-    def _batch(self):
-        batch = super()._batch()
+    def _batch(self, step, micro):
+        batch = super()._batch(step, micro)
         self.seen.append(
             [int((batch["labels"][:, 1:] != -100).sum()), int(batch["target_slot_mask"].sum())]
         )

@@ -130,7 +130,7 @@ def test_prompt_dropout_drops_only_generation_prompts(backbone, tmp_path):
     )
     seen = []
     trainer.model.prepare_batch = lambda items, pack_to=None: seen.extend(items) or {}
-    trainer._batch()
+    trainer._batch(1, 0)
     gen = [c for c in seen if c.has_target_image]
     dropped = [c for c in gen if c.turns[0].content == ""]
     assert 0 < len(dropped) < len(gen)

@@ -12,8 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap(model: Any, strategy: str) -> Any:
-    """The module the training loop calls. ``fsdp`` shards every LLM block, then the rest."""
+def wrap(model: Any, strategy: str, units: list[Any] | None = None) -> Any:
+    """The module the training loop calls. ``fsdp`` shards each of ``units`` (transformer
+    blocks), then the rest."""
     if strategy not in STRATEGIES:
         raise ValueError(
             f"unknown distributed strategy '{strategy}'; use {' or '.join(STRATEGIES)}"
@@ -27,8 +28,8 @@ def wrap(model: Any, strategy: str) -> Any:
     # exists, even for a model on the CPU)
     device = next(model.parameters()).device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for layer in model.backbone.causal_lm.base_model.layers:
-        fully_shard(layer, mesh=mesh)
+    for unit in units or []:
+        fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 

@@ -1,6 +1,7 @@
-"""The VPiT trainer: AdamW with warm-up + cosine/linear schedule, gradient accumulation and
+"""The trainer: AdamW with warm-up + cosine/linear schedule, gradient accumulation and
 clipping, bf16 autocast, token-count-normalised losses, atomic checkpoints every N steps
 (last K kept) and exact resume of weights, optimizer, scheduler, RNG and data position.
+What it optimises is an :class:`~metamorph_train.objectives.Objective` (VPiT by default).
 
 Loss normalisation (DESIGN.md): over one optimiser step the text loss is the sum of token
 losses over all micro-batches divided by the number of text tokens in all of them (the visual
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from metamorph_train import distributed
 from metamorph_train.data.mixture import Mixture
+from metamorph_train.objectives import Objective, VPiTObjective
 from metamorph_train.train_state import (
     latest_checkpoint,
     load_train_state,
@@ -51,16 +53,18 @@ class TrainerConfig:
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
-    pack_to: int | None = None
-    prompt_dropout: float = 0.0  # share of generation samples trained with the prompt dropped
+    pack_to: int | None = None  # VPiT only: pack samples into rows of this many tokens
+    prompt_dropout: float = 0.0  # VPiT only: share of generation samples with the prompt dropped
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
     device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
 
 
 class Trainer:
-    """Trains ``model`` on conversations drawn from ``data``. ``trainable(name, param)``
-    picks the tuned parameters (default: those requiring grad, never the visual decoder)."""
+    """Trains ``model`` (a :class:`~metamorph_core.MetaMorphModel`, or any
+    :class:`~metamorph_train.objectives.Objective`) on items drawn from ``data``.
+    ``trainable(name, param)`` picks the tuned parameters of the objective's module (default:
+    those requiring grad, never a unified model's visual decoder)."""
 
     def __init__(
         self,
@@ -74,6 +78,16 @@ class Trainer:
             raise ValueError(
                 f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
             )
+        if isinstance(model, Objective):
+            if config.pack_to or config.prompt_dropout:
+                raise ValueError(
+                    f"train.pack_to and train.prompt_dropout apply to VPiT only, not to "
+                    f"{type(model).__name__}"
+                )
+            self.objective = model
+        else:
+            self.objective = VPiTObjective(model, config.pack_to, config.prompt_dropout)
+        model = self.objective.module
         self.model, self.data, self.config, self.log = model, data, config, log
         pick = trainable or (lambda n, p: p.requires_grad and not n.startswith("decoder."))
         names = {n for n, p in model.named_parameters() if pick(n, p)}
@@ -89,16 +103,18 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         if config.gradient_checkpointing:
-            model.backbone.causal_lm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            self.objective.enable_gradient_checkpointing()
         device = config.device
         if device == "auto":
             local = int(os.environ.get("LOCAL_RANK", 0))
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         model.to(device)
         self.strategy = config.strategy if self.world > 1 else None
-        self.forward_model = distributed.wrap(model, self.strategy) if self.strategy else model
+        self.forward_model = (
+            distributed.wrap(model, self.strategy, self.objective.shard_units())
+            if self.strategy
+            else model
+        )
         # after sharding: FSDP2 replaces parameters with sharded ones of the same names
         self.params = {n: p for n, p in model.named_parameters() if n in names}
 
@@ -125,24 +141,19 @@ class Trainer:
         )
         return make(optimizer, warmup, self.config.steps)
 
-    def _batch(self) -> dict[str, Any]:
+    def _batch(self, step: int, micro: int) -> dict[str, Any]:
         items = []
         while len(items) < self.config.batch_size * self.world:
             _, item = self.data.next()
             if item is None:  # a record the dataset skipped and counted
                 self.skipped += 1
                 continue
-            # drawn from the mixture's generator: identical on every rank, saved with the data
-            p = self.config.prompt_dropout
-            if (
-                p > 0
-                and item.has_target_image
-                and torch.rand(1, generator=self.data.gen).item() < p
-            ):
-                item = item.drop_prompt()
-            items.append(item)
+            # random choices come from the mixture's generator: identical on every rank and
+            # saved with the data position
+            items.append(self.objective.prepare_item(item, self.data.gen))
         share = items[self.rank :: self.world]
-        return self.model.prepare_batch(share, pack_to=self.config.pack_to)
+        seed = ((self.config.seed * 1_000_003 + step) * 1009 + micro) * 4099 + self.rank
+        return self.objective.batch(share, seed % (2**63))
 
     def run(self, resume: bool = True) -> dict[str, Any]:
         """Train to ``config.steps`` (continuing from the newest checkpoint when ``resume``);
@@ -184,11 +195,7 @@ class Trainer:
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
                     if self.log:
-                        self.log(
-                            f"step {step}/{c.steps}  text {last['text_loss']:.4f}  visual "
-                            f"{last['visual_loss']:.4f}  lr {last['lr']:.2e}  "
-                            f"{last['tokens_per_s']:.0f} tok/s"
-                        )
+                        self.log(self._describe(last))
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
                     # full tensors (a collective under FSDP); rank 0 writes them
                     weights = distributed.full_weights(
@@ -214,21 +221,17 @@ class Trainer:
         return {"steps": c.steps, "skipped_items": self.skipped, **last}
 
     def _step(self, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> dict[str, Any]:
-        c = self.config
+        c, objective = self.config, self.objective
         began = time.perf_counter()
-        micro = [self._batch() for _ in range(c.grad_accum)]
-        counts = torch.tensor(
-            [
-                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                sum(int(b["target_slot_mask"].sum()) for b in micro),
-            ],
-            dtype=torch.float64,
-        )
-        self._all_reduce(counts)  # the tokens of the whole step, over every rank
-        text_count, visual_count = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+        micro = [self._batch(step, k) for k in range(c.grad_accum)]
+        terms = len(objective.terms)
+        counts = torch.zeros(terms, dtype=torch.float64)
+        for b in micro:
+            counts += torch.tensor(objective.counts(b), dtype=torch.float64)
+        self._all_reduce(counts)  # the counts of the whole step, over every rank
+        totals = counts.clamp(min=1.0).tolist()
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64)
-        cfg = self.model.config
+        sums = torch.zeros(terms, dtype=torch.float64)
         for k, batch in enumerate(micro):
             last_micro = k == len(micro) - 1
             sync = (
@@ -236,35 +239,40 @@ class Trainer:
                 if last_micro or self.strategy is None
                 else distributed.no_sync(self.forward_model, self.strategy)
             )
-            device = batch["input_ids"].device.type
+            device = objective.device().type
             with sync, torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=c.bf16):
-                out = self.forward_model(**batch, return_logits=False)
-                # token sums over the step's global counts; DDP averages gradients over ranks,
-                # so the world size scales them back to sums
-                loss = self.world * (
-                    cfg.text_loss_weight * out.text_loss_sum / text_count
-                    + cfg.visual_loss_weight * out.visual_loss_sum / visual_count
+                parts = objective.loss_sums(self.forward_model, batch)
+                # sums over the step's global counts; DDP averages gradients over ranks, so the
+                # world size scales them back to sums
+                loss = self.world * sum(
+                    w * s / n for w, s, n in zip(objective.weights, parts, totals, strict=True)
                 )
                 loss.backward()
-            sums += torch.tensor(
-                [out.text_loss_sum.item(), out.visual_loss_sum.item()], dtype=torch.float64
-            )
+            sums += torch.tensor([p.item() for p in parts], dtype=torch.float64)
         self._all_reduce(sums)
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm)
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        tokens = sum(int(b["input_ids"].numel()) for b in micro) * self.world
-        return {
-            "step": step,
-            "text_loss": sums[0].item() / text_count,
-            "visual_loss": sums[1].item() / visual_count,
-            "lr": lr,
-            "tokens_per_s": tokens / max(time.perf_counter() - began, 1e-9),
-            "text_tokens": int(counts[0]),
-            "visual_tokens": int(counts[1]),
-        }
+        done = sum(objective.throughput(b) for b in micro) * self.world
+        out: dict[str, Any] = {"step": step}
+        for term, unit, total, count, value in zip(
+            objective.terms, objective.units, totals, counts.tolist(), sums.tolist(), strict=True
+        ):
+            out[f"{term}_loss"] = value / total
+            out[f"{term}_{unit}"] = int(count)
+        out["lr"] = lr
+        out[f"{objective.throughput_unit}_per_s"] = done / max(time.perf_counter() - began, 1e-9)
+        return out
+
+    def _describe(self, m: dict[str, Any]) -> str:
+        losses = "  ".join(f"{t} {m[f'{t}_loss']:.4f}" for t in self.objective.terms)
+        unit = self.objective.throughput_unit
+        return (
+            f"step {m['step']}/{self.config.steps}  {losses}  lr {m['lr']:.2e}  "
+            f"{m[f'{unit}_per_s']:.0f} {unit}/s"
+        )
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         distributed.all_reduce_sum(tensor)

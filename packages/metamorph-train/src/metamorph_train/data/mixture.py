@@ -11,8 +11,8 @@ import torch
 class Mixture:
     """Draws from ``datasets`` with probability proportional to ``weights``.
 
-    Each dataset is read in a shuffled order that depends only on ``seed``, the dataset and the
-    epoch, so :meth:`state_dict` (JSON-serialisable) and :meth:`load_state_dict` continue the
+    Each map-style dataset is read in a shuffled order that depends only on ``seed``, the
+    dataset and the epoch; a streaming dataset keeps its own position. So :meth:`state_dict` (JSON-serialisable) and :meth:`load_state_dict` continue the
     exact sequence of draws after a restart.
     """
 
@@ -23,8 +23,10 @@ class Mixture:
             raise ValueError("a mixture needs at least one dataset")
         if set(weights) != set(datasets):
             raise ValueError(f"weights name {sorted(weights)} but datasets are {sorted(datasets)}")
+        # streaming datasets (``next()``/``state_dict()``) keep their own position
+        self.streams = {n for n, d in datasets.items() if getattr(d, "streaming", False)}
         for name, data in datasets.items():
-            if len(data) == 0:
+            if name not in self.streams and len(data) == 0:
                 raise ValueError(f"dataset '{name}' of the mixture is empty")
             if weights[name] < 0:
                 raise ValueError(f"dataset '{name}' has a negative weight {weights[name]}")
@@ -51,13 +53,15 @@ class Mixture:
     def next(self) -> tuple[str, Any]:
         """The next ``(dataset name, item)``."""
         name = self.names[int(torch.multinomial(self.probs, 1, generator=self.gen))]
+        self.steps += 1
+        if name in self.streams:
+            return name, self.datasets[name].next()
         epoch, index = self.position[name]
         item = self.datasets[name][self._order(name, epoch)[index]]
         index += 1
         if index == len(self.datasets[name]):
             epoch, index = epoch + 1, 0
         self.position[name] = [epoch, index]
-        self.steps += 1
         return name, item
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,6 +70,7 @@ class Mixture:
             "steps": self.steps,
             "rng": self.gen.get_state().tolist(),
             "position": {n: list(p) for n, p in self.position.items()},
+            "streams": {n: self.datasets[n].state_dict() for n in sorted(self.streams)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -76,4 +81,6 @@ class Mixture:
             )
         self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.position = {n: list(p) for n, p in state["position"].items()}
+        for n, stream_state in state.get("streams", {}).items():
+            self.datasets[n].load_state_dict(stream_state)
         self.steps = state["steps"]
