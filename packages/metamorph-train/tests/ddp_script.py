@@ -52,6 +52,7 @@ class Recording(Trainer):
 def main() -> None:
     backbone, out, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     strategy, lora = sys.argv[4], sys.argv[5] == "lora"
+    steps = int(sys.argv[6]) if len(sys.argv) > 6 else 3  # fewer: stop early, resume later
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -61,7 +62,8 @@ def main() -> None:
     data = Mixture({"mixed": conversations()}, {"mixed": 1.0}, seed=0)
     cfg = TrainerConfig(
         output_dir=out,
-        steps=3,
+        steps=steps,
+        save_every=1,
         batch_size=batch_size,
         grad_accum=2,
         lr=1e-2,

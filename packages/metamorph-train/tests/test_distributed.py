@@ -1,6 +1,6 @@
-"""torchrun with 2 CPU processes (gloo; DDP, FSDP2, and LoRA under FSDP2) matches one process
-on the same global batch, on data where the ranks hold different numbers of text tokens and
-target images."""
+"""torchrun with 2 CPU processes (gloo; DDP, FSDP2, and LoRA under FSDP2 stopped after one step
+and resumed) matches one process on the same global batch, on data where the ranks hold
+different numbers of text tokens and target images."""
 
 from __future__ import annotations
 
@@ -31,26 +31,43 @@ def test_two_processes_match_one(tmp_path, strategy, lora):
         env=env,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(SCRIPT),
-            str(backbone),
-            str(tmp_path / "two"),
-            "2",
-            strategy,
-            lora,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+
+    def two_processes(*steps: str) -> None:
+        two = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                str(SCRIPT),
+                str(backbone),
+                str(tmp_path / "two"),
+                "2",
+                strategy,
+                lora,
+                *steps,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert two.returncode == 0, two.stderr[-3000:]
+
+    if strategy == "fsdp" and lora == "lora":  # stop after step 1, resume under FSDP2
+        two_processes("1")
+        assert [p.name for p in (tmp_path / "two").glob("step-*")] == ["step-0000001"]
+        two_processes()
+        rank0, _ = json.loads((tmp_path / "two" / "seen.json").read_text())
+        assert len(rank0) == 2 * 2  # only steps 2 and 3 (2 micro-batches each) ran again
+        a = load_file(str(tmp_path / "one" / "step-0000003" / "weights.safetensors"))
+        b = load_file(str(tmp_path / "two" / "step-0000003" / "weights.safetensors"))
+        assert a.keys() == b.keys() and any("lora_" in k for k in a)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, worst
+        return
+    two_processes()
     rank0, rank1 = json.loads((tmp_path / "two" / "seen.json").read_text())
     assert any(a[0] != b[0] for a, b in zip(rank0, rank1, strict=True))  # text tokens differ
     assert any(a[1] != b[1] for a, b in zip(rank0, rank1, strict=True))  # target tokens differ

@@ -155,7 +155,22 @@ def test_lora_recipe_trains_saves_reloads_and_merges(project):
     assert torch.allclose(la.logits, lb.logits, atol=1e-4)
 
 
-def test_metamorph_train_under_torchrun(project):
+@pytest.mark.parametrize("strategy,recipe", [("ddp", "full"), ("fsdp", "lora")])
+def test_metamorph_train_under_torchrun(project, strategy, recipe):
+    """Two processes write a final checkpoint equal to one process's on the same global batch;
+    under FSDP2 + LoRA it is written from gathered weights (peft cannot save shards)."""
+    import torch
+
+    from metamorph_core.testing import samples
+    from metamorph_train.recipe import load_recipe, run_recipe
+
+    args = [
+        f"recipe={recipe}",
+        "lora={r: 8, alpha: 16}" if recipe == "lora" else "lora=null",
+        "train.steps=2",
+        "train.lr=1e-2",
+        f"train.strategy={strategy}",
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [
@@ -168,9 +183,9 @@ def test_metamorph_train_under_torchrun(project):
             "metamorph_train.cli",
             "train",
             str(project / "recipe.yaml"),
-            "train.steps=2",
+            *args,
             "train.batch_size=2",
-            f"train.output_dir={project / 'ddp'}",
+            f"train.output_dir={project / 'two'}",
         ],
         capture_output=True,
         text=True,
@@ -178,6 +193,23 @@ def test_metamorph_train_under_torchrun(project):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    MetaMorphModel.from_pretrained(project / "ddp" / "final")
-    rows = (project / "ddp" / "metrics.jsonl").read_text().splitlines()
+    rows = (project / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1  # rank 0 alone writes metrics (logged at the last step)
+    one = load_recipe(
+        project / "recipe.yaml",
+        [*args, "train.batch_size=4", f"train.output_dir={project / 'one'}"],
+    )
+    run_recipe(one, log=None)
+    a = MetaMorphModel.from_pretrained(project / "two" / "final").eval()
+    b = MetaMorphModel.from_pretrained(project / "one" / "final").eval()
+    batch = a.prepare_batch([samples.understanding(size=16), samples.generation(size=16)])
+    with torch.no_grad():
+        la, lb = a(**batch), b(**batch)
+    assert torch.allclose(la.logits, lb.logits, atol=1e-4)
+    assert abs(la.visual_loss.item() - lb.visual_loss.item()) < 1e-4
+    if recipe == "lora":
+        assert (project / "two" / "final" / "backbone" / "adapter_model.safetensors").is_file()
+        a.merge_lora()
+        with torch.no_grad():
+            merged = a(**batch)
+        assert torch.allclose(merged.logits, la.logits, atol=1e-4)

@@ -51,10 +51,10 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
 
     from metamorph_core import create
     from metamorph_train.cache import build_cache, image_paths
-    from metamorph_train.data.records import read_records
+    from metamorph_train.data.records import check_image_record, read_records
 
-    counts: dict[str, int] = {}
-    records = read_records(args.data, args.on_error, counts)
+    counts: dict[str, int] = {}  # any record with images: conversations, image-caption pairs
+    records = read_records(args.data, args.on_error, counts, check_image_record)
     paths = image_paths(records)
     if not paths:
         raise SystemExit(f"metamorph cache-features: '{args.data}' names no images")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of components")
     p.set_defaults(func=_cmd_plugins)
     c = sub.add_parser("cache-features", help="encode a dataset's images once into a feature cache")
-    c.add_argument("--data", required=True, help="LLaVA-style .json or .jsonl records")
+    c.add_argument("--data", required=True, help=".json or .jsonl records naming images")
     c.add_argument(
         "--image-root", required=True, help="directory the records' image paths are relative to"
     )

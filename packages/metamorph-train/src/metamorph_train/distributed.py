@@ -106,3 +106,13 @@ def load_optimizer_state(
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP2-sharded ``model``, gathered onto rank 0's CPU (a
+    collective every rank calls; other ranks get ``{}``). Load it into an unsharded copy to
+    save with code written for whole models (peft's ``save_pretrained`` cannot save shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options())
+    return state if dist.get_rank() == 0 else {}

@@ -35,6 +35,10 @@ class Objective:
     def weights(self) -> tuple[float, ...]:
         return (1.0,) * len(self.terms)
 
+    def trainable(self, name: str, param: nn.Parameter) -> bool:
+        """The default choice of tuned parameters: those requiring grad."""
+        return param.requires_grad
+
     def prepare_item(self, item: Any, generator: torch.Generator) -> Any:
         """A drawn item before batching (random choices from ``generator``, which every rank
         shares and the checkpoint saves)."""
@@ -88,6 +92,9 @@ class VPiTObjective(Objective):
     def weights(self) -> tuple[float, ...]:
         c = self.module.config
         return (c.text_loss_weight, c.visual_loss_weight)
+
+    def trainable(self, name: str, param: nn.Parameter) -> bool:
+        return param.requires_grad and not name.startswith("decoder.")  # never the decoder
 
     def prepare_item(self, item: Any, generator: torch.Generator) -> Any:
         p = self.prompt_dropout
@@ -336,7 +343,7 @@ class CausalLMObjective(Objective):
     def save(self, path: Path) -> Path:
         from metamorph_core.checkpoint import atomic_directory
 
-        with atomic_directory(Path(path), "causal-lm") as tmp:
+        with atomic_directory(Path(path), self.module.config.model_type) as tmp:
             self.module.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         return Path(path)

@@ -89,7 +89,7 @@ class Trainer:
             self.objective = VPiTObjective(model, config.pack_to, config.prompt_dropout)
         model = self.objective.module
         self.model, self.data, self.config, self.log = model, data, config, log
-        pick = trainable or (lambda n, p: p.requires_grad and not n.startswith("decoder."))
+        pick = trainable or self.objective.trainable
         names = {n for n, p in model.named_parameters() if pick(n, p)}
         if not names:
             raise ValueError("no trainable parameters were selected")
