@@ -155,10 +155,14 @@ def test_lora_recipe_trains_saves_reloads_and_merges(project):
     assert torch.allclose(la.logits, lb.logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy,recipe", [("ddp", "full"), ("fsdp", "lora")])
-def test_metamorph_train_under_torchrun(project, strategy, recipe):
+@pytest.mark.parametrize(
+    "strategy,recipe,meta",
+    [("ddp", "full", False), ("fsdp", "lora", False), ("fsdp", "full", True)],
+)
+def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
     """Two processes write a final checkpoint equal to one process's on the same global batch;
-    under FSDP2 + LoRA it is written from gathered weights (peft cannot save shards)."""
+    under FSDP2 + LoRA it is written from gathered weights (peft cannot save shards); with
+    meta-device initialisation rank 1 never loads the weights itself."""
     import torch
 
     from metamorph_core.testing import samples
@@ -170,6 +174,7 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe):
         "train.steps=2",
         "train.lr=1e-2",
         f"train.strategy={strategy}",
+        f"train.meta_init={str(meta).lower()}",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(

@@ -12,7 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap(model: Any, strategy: str, units: list[Any] | None = None) -> Any:
+def wrap(
+    model: Any, strategy: str, units: list[Any] | None = None, device: str | None = None
+) -> Any:
     """The module the training loop calls. ``fsdp`` shards each of ``units`` (transformer
     blocks), then the rest."""
     if strategy not in STRATEGIES:
@@ -24,10 +26,10 @@ def wrap(model: Any, strategy: str, units: list[Any] | None = None) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # the mesh follows the model's device (fully_shard would otherwise pick CUDA whenever it
+    # the mesh follows the training device (fully_shard would otherwise pick CUDA whenever it
     # exists, even for a model on the CPU)
-    device = next(model.parameters()).device.type
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    kind = torch.device(device).type if device else next(model.parameters()).device.type
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
     for unit in units or []:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -116,3 +118,23 @@ def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
     state = get_model_state_dict(model, options=_options())
     return state if dist.get_rank() == 0 else {}
+
+
+def is_meta(model: Any) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def materialise_from_rank0(
+    model: Any, whole: dict[str, torch.Tensor] | None, device: str | torch.device
+) -> None:
+    """After ``fully_shard``: ranks that built ``model`` on the meta device allocate their
+    shards, and every rank receives rank 0's weights (``whole``, its full state dict) into
+    them. Buffers outside the state dict (rotary frequencies) are broadcast from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if is_meta(model):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole if dist.get_rank() == 0 else {}, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

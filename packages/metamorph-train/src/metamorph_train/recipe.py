@@ -248,7 +248,13 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
     from metamorph_train.data import Mixture
     from metamorph_train.trainer import Trainer
 
-    objective, dataset_kind, cache_encoder = _build(recipe)
+    t = recipe.train
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if t.meta_init and t.strategy == "fsdp" and rank > 0:  # rank 0 alone holds the weights
+        with torch.device("meta"):
+            objective, dataset_kind, cache_encoder = _build(recipe)
+    else:
+        objective, dataset_kind, cache_encoder = _build(recipe)
     trainable = VPIT_RECIPES.get(recipe.recipe)
     datasets = _datasets(recipe, dataset_kind, cache_encoder)
     weights = {name: w for name, (_, w) in datasets.items()}

@@ -58,6 +58,10 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
     device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
+    # under FSDP2: ranks other than 0 build the model on the meta device (no memory for the
+    # weights) and receive rank 0's weights as it is sharded; for models too big to build
+    # once per rank on a host
+    meta_init: bool = False
 
 
 class Trainer:
@@ -108,13 +112,23 @@ class Trainer:
         if device == "auto":
             local = int(os.environ.get("LOCAL_RANK", 0))
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        model.to(device)
         self.strategy = config.strategy if self.world > 1 else None
+        meta = distributed.is_meta(model)
+        if meta and not (config.meta_init and self.strategy == "fsdp" and self.rank > 0):
+            raise ValueError(
+                "the model is on the meta device; only ranks other than 0 may build it there, "
+                "with train.meta_init=true and train.strategy=fsdp under torchrun"
+            )
+        whole = model.state_dict() if config.meta_init and self.rank == 0 else None
+        if not meta:
+            model.to(device)
         self.forward_model = (
-            distributed.wrap(model, self.strategy, self.objective.shard_units())
+            distributed.wrap(model, self.strategy, self.objective.shard_units(), device)
             if self.strategy
             else model
         )
+        if config.meta_init and self.strategy == "fsdp":
+            distributed.materialise_from_rank0(model, whole, device)
         # after sharding: FSDP2 replaces parameters with sharded ones of the same names
         self.params = {n: p for n, p in model.named_parameters() if n in names}
 

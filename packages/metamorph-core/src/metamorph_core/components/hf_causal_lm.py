@@ -61,7 +61,14 @@ class HFCausalLM(Backbone):
         extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
-        if pretrained is not None:
+        if pretrained is not None and torch.get_default_device().type == "meta":
+            # building the shape only (FSDP2 meta-device initialisation: the weights arrive
+            # from another rank once the model is sharded)
+            if lora_adapter is not None:
+                raise ValueError("a LoRA checkpoint cannot be built on the meta device")
+            cfg = AutoConfig.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
+            self.lm = AutoModelForCausalLM.from_config(cfg, **extra)
+        elif pretrained is not None:
             try:
                 self.lm, info = AutoModelForCausalLM.from_pretrained(
                     str(pretrained), output_loading_info=True, **extra
