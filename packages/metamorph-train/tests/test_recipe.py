@@ -163,11 +163,6 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
     """Two processes write a final checkpoint equal to one process's on the same global batch;
     under FSDP2 + LoRA it is written from gathered weights (peft cannot save shards); with
     meta-device initialisation rank 1 never loads the weights itself."""
-    import torch
-
-    from metamorph_core.testing import samples
-    from metamorph_train.recipe import load_recipe, run_recipe
-
     args = [
         f"recipe={recipe}",
         "lora={r: 8, alpha: 16}" if recipe == "lora" else "lora=null",
@@ -200,21 +195,71 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = (project / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1  # rank 0 alone writes metrics (logged at the last step)
+    _matches_one_process(project, args, project / "two", lora=recipe == "lora")
+
+
+def _matches_one_process(project, args, two, lora=False):
+    import torch
+
+    from metamorph_core.testing import samples
+    from metamorph_train.recipe import load_recipe, run_recipe
+
     one = load_recipe(
         project / "recipe.yaml",
         [*args, "train.batch_size=4", f"train.output_dir={project / 'one'}"],
     )
     run_recipe(one, log=None)
-    a = MetaMorphModel.from_pretrained(project / "two" / "final").eval()
+    a = MetaMorphModel.from_pretrained(two / "final").eval()
     b = MetaMorphModel.from_pretrained(project / "one" / "final").eval()
     batch = a.prepare_batch([samples.understanding(size=16), samples.generation(size=16)])
     with torch.no_grad():
         la, lb = a(**batch), b(**batch)
     assert torch.allclose(la.logits, lb.logits, atol=1e-4)
     assert abs(la.visual_loss.item() - lb.visual_loss.item()) < 1e-4
-    if recipe == "lora":
-        assert (project / "two" / "final" / "backbone" / "adapter_model.safetensors").is_file()
+    if lora:
+        assert (two / "final" / "backbone" / "adapter_model.safetensors").is_file()
         a.merge_lora()
         with torch.no_grad():
             merged = a(**batch)
         assert torch.allclose(merged.logits, la.logits, atol=1e-4)
+
+
+def test_two_nodes_meet_through_torchrun_rendezvous(project):
+    """Multi-node as on a cluster (examples/slurm): two torchrun agents, one process each,
+    find each other through the c10d rendezvous and train as one DDP job."""
+    import os
+
+    args = ["train.steps=2", "train.lr=1e-2"]
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=metamorph-test",
+                "-m",
+                "metamorph_train.cli",
+                "train",
+                str(project / "recipe.yaml"),
+                *args,
+                "train.batch_size=2",
+                f"train.output_dir={project / 'nodes'}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [a.communicate(timeout=300) for a in agents]
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err[-3000:]
+    assert sum('"summary"' in out for out, _ in outputs) == 2  # both nodes trained
+    _matches_one_process(project, args, project / "nodes")

@@ -252,9 +252,9 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if t.meta_init and t.strategy == "fsdp" and rank > 0:  # rank 0 alone holds the weights
         with torch.device("meta"):
-            objective, dataset_kind, cache_encoder = _build(recipe)
+            objective, dataset_kind, cache_encoder = build_objective(recipe)
     else:
-        objective, dataset_kind, cache_encoder = _build(recipe)
+        objective, dataset_kind, cache_encoder = build_objective(recipe)
     trainable = VPIT_RECIPES.get(recipe.recipe)
     datasets = _datasets(recipe, dataset_kind, cache_encoder)
     weights = {name: w for name, (_, w) in datasets.items()}
@@ -269,7 +269,7 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
         # unsharded copy of the model and saves that
         state = distributed.full_state_dict(trainer.model)
         if trainer.rank == 0:
-            whole = _build(recipe)[0]
+            whole = build_objective(recipe)[0]
             whole.module.load_state_dict(state)
             whole.save(final)
     elif trainer.rank == 0:  # DDP replicas are identical; one writer
@@ -283,7 +283,7 @@ def run_recipe(recipe: Recipe, log: Any = print) -> dict[str, Any]:
     return {**summary, "saved": str(final), "skipped": errors}
 
 
-def _build(recipe: Recipe) -> tuple[Any, type, Any]:
+def build_objective(recipe: Recipe) -> tuple[Any, type, Any]:
     """The recipe's objective, its dataset class, and the encoder a feature cache must match."""
     torch.manual_seed(recipe.train.seed)  # new weights (projector, head, ...) from the seed
     if recipe.recipe in VPIT_RECIPES:
@@ -322,9 +322,8 @@ def _decoder(recipe: Recipe) -> tuple[Any, type, Any]:
     encoder = create("encoder", enc.name, **enc.kwargs)
     dec = ComponentSpec.parse(m.decoder, "model.decoder")
     kwargs = dict(dec.kwargs)
-    if "pretrained" not in kwargs:
-        kwargs.setdefault("token_dim", encoder.hidden_size)
-        kwargs.setdefault("num_tokens", encoder.num_tokens)
+    kwargs.setdefault("token_dim", encoder.hidden_size)  # a saved decoder must agree
+    kwargs.setdefault("num_tokens", encoder.num_tokens)
     decoder = create("decoder", dec.name, **kwargs)
     # with a feature cache the encoder only checks that the cache is its own
     live = None if recipe.data.feature_cache else encoder

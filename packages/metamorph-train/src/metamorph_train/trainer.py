@@ -83,7 +83,7 @@ class Trainer:
                 f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
             )
         if isinstance(model, Objective):
-            if config.pack_to or config.prompt_dropout:
+            if not isinstance(model, VPiTObjective) and (config.pack_to or config.prompt_dropout):
                 raise ValueError(
                     f"train.pack_to and train.prompt_dropout apply to VPiT only, not to "
                     f"{type(model).__name__}"
