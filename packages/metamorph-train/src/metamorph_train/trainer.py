@@ -62,6 +62,7 @@ class TrainerConfig:
     # weights) and receive rank 0's weights as it is sharded; for models too big to build
     # once per rank on a host
     meta_init: bool = False
+    progress: bool = True  # a progress bar on rank 0 (when logging)
 
 
 class Trainer:
@@ -134,7 +135,15 @@ class Trainer:
 
     def _run_signature(self) -> dict[str, Any]:
         c = dataclasses.asdict(self.config)
-        for k in ("output_dir", "log_every", "save_every", "keep_last", "steps"):
+        for k in (
+            "output_dir",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "steps",
+            "progress",
+            "meta_init",
+        ):
             c.pop(k)
         return {**c, "params": sorted(self.params), "data": self.data.names}
 
@@ -201,15 +210,28 @@ class Trainer:
                 self.log(f"resumed from {latest} at step {start}")
         self.model.train()
         metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115
+        bar = None
+        if c.progress and self.rank == 0 and self.log is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", leave=False)
         try:
             last: dict[str, Any] = {}
             for step in range(start + 1, c.steps + 1):
                 last = self._step(optimizer, scheduler, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        {t: f"{last[f'{t}_loss']:.3f}" for t in self.objective.terms},
+                        refresh=False,
+                    )
                 if metrics is not None and (step % c.log_every == 0 or step == c.steps):
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
                     if self.log:
-                        self.log(self._describe(last))
+                        # printed above the bar, not through it
+                        emit = bar.write if bar is not None and self.log is print else self.log
+                        emit(self._describe(last))
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
                     # full tensors (a collective under FSDP); rank 0 writes them
                     weights = distributed.full_weights(
@@ -232,6 +254,8 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
+            if bar is not None:
+                bar.close()
         return {"steps": c.steps, "skipped_items": self.skipped, **last}
 
     def _step(self, optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> dict[str, Any]:
