@@ -1,0 +1,225 @@
+"""The toy world: one coloured shape per image, with captions, questions, text-only facts and
+reasoning prompts, generated deterministically from a seed.
+
+Attributes: 5 shapes x 6 colours x 2 sizes x 9 positions (a 3x3 grid) = 540 scenes. Images are
+``IMAGE_SIZE`` square RGB renders (anti-aliased by 4x supersampling) with nuisance variation:
+a tinted, noisy background and a jitter of the shape's centre within its grid cell.
+
+Splits (:func:`make_splits`), designed so that no test item leaks into training:
+
+- a share of the 540 scenes is held out from every *generation target* in training; the
+  generation test prompts ask for exactly those scenes;
+- understanding (VQA) test images are fresh renders (new nuisance draws) of any scene;
+- *reasoning* prompts name a colour or a shape only through an everyday concept ("the colour of
+  grass", "a shape with two plus one sides"). Those concepts appear in the text-only facts and
+  never in a training sample that contains an image.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+IMAGE_SIZE = 32
+SHAPES = ("square", "circle", "triangle", "cross", "diamond")
+COLOURS = {
+    "red": (214, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 50, 180),
+    "orange": (240, 130, 20),
+}
+SIZES = ("small", "large")
+POSITIONS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "centre",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+ATTRIBUTES = ("shape", "colour", "size", "position")
+HALF_EXTENT = {"small": 3.6, "large": 5.6}  # pixels from centre to edge, at 32x32
+
+# everyday concepts tied to attributes by text-only facts; each reasoning prompt uses them
+COLOUR_CONCEPTS = {
+    "red": ["a ripe tomato", "a fire truck"],
+    "green": ["grass", "a frog"],
+    "blue": ["the clear sky", "the deep sea"],
+    "yellow": ["a banana", "a lemon"],
+    "purple": ["a plum", "lavender"],
+    "orange": ["a carrot", "a pumpkin"],
+}
+SIDES = {"triangle": 3, "square": 4}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SHAPE_CONCEPTS = {  # phrases that name a shape only through a fact ("a large <phrase>")
+    "triangle": ["shape with three sides", "shape with two plus one sides"],
+    "square": ["shape with four equal sides", "shape with two plus two sides"],
+    "circle": ["round shape with no corners", "shape like a full moon"],
+    "cross": ["shape like a plus sign", "shape like the red cross symbol"],
+    "diamond": ["shape like a kite standing on its tip", "shape like a rhombus"],
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    def caption(self) -> str:
+        where = "in the centre" if self.position == "centre" else f"at the {self.position}"
+        return f"a {self.size} {self.colour} {self.shape} {where}"
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(*a) for a in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS)]
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _mask(shape: str, cx: float, cy: float, half: float, n: int) -> np.ndarray:
+    """A boolean ``(n, n)`` mask of ``shape`` centred at (cx, cy) (pixel units of an n grid)."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "square":
+        return (np.abs(dx) <= half * 0.85) & (np.abs(dy) <= half * 0.85)
+    if shape == "circle":
+        return dx**2 + dy**2 <= half**2
+    if shape == "diamond":
+        return np.abs(dx) / 0.8 + np.abs(dy) <= half * 1.05
+    if shape == "cross":
+        arm = half * 0.38
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | (
+            (np.abs(dy) <= arm) & (np.abs(dx) <= half)
+        )
+    if shape == "triangle":  # apex up, flat base
+        top, bottom = cy - half, cy + half * 0.8
+        frac = (dy + half) / (bottom - top)
+        return (dy >= -half) & (yy <= bottom) & (np.abs(dx) <= frac * half * 1.1)
+    raise ValueError(f"unknown shape '{shape}'; the world has {SHAPES}")
+
+
+def cell_centre(position: str, size: int = IMAGE_SIZE) -> tuple[float, float]:
+    k = POSITIONS.index(position)
+    row, col = divmod(k, 3)
+    cell = size / 3
+    return (col + 0.5) * cell, (row + 0.5) * cell
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``(size, size, 3)`` uint8: the scene with a random background tint and noise and the
+    shape's centre jittered by up to 1.5 pixels (at 32x32)."""
+    scale = size / IMAGE_SIZE
+    ss = 4  # supersampling
+    cx, cy = cell_centre(scene.position, size)
+    jx, jy = rng.uniform(-1.5, 1.5, 2) * scale
+    half = HALF_EXTENT[scene.size] * scale
+    mask = _mask(scene.shape, (cx + jx) * ss, (cy + jy) * ss, half * ss, size * ss)
+    cover = mask.reshape(size, ss, size, ss).mean(axis=(1, 3))[..., None]
+    tint = rng.uniform(150, 215) + rng.uniform(-12, 12, 3)
+    background = np.clip(tint + rng.normal(0, 5, (size, size, 3)), 0, 255)
+    colour = np.array(COLOURS[scene.colour], dtype=np.float64)
+    colour = np.clip(colour + rng.normal(0, 6, 3), 0, 255)
+    out = background * (1 - cover) + colour * cover
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+# -- language --------------------------------------------------------------------------------
+QUESTIONS = {
+    "shape": "What shape is in the image?",
+    "colour": "What colour is the shape?",
+    "size": "Is the shape small or large?",
+    "position": "Where is the shape?",
+}
+GENERATION_TEMPLATES = (
+    "Generate an image of {caption}.",
+    "Draw {caption}.",
+    "Show me a picture of {caption}.",
+)
+ANSWER_PREFIX = "Here is an image based on your request: "
+
+
+def answer(scene: Scene, attribute: str) -> str:
+    return getattr(scene, attribute)
+
+
+def facts() -> list[str]:
+    """The text-only facts (and arithmetic) that reasoning prompts need, several phrasings
+    each."""
+    out = []
+    for colour, concepts in COLOUR_CONCEPTS.items():
+        for c in concepts:
+            out += [f"{c} is {colour}.", f"the colour of {c} is {colour}."]
+    for shape, n in SIDES.items():
+        out += [
+            f"a {shape} has {NUMBER_WORDS[n]} sides.",
+            f"a shape with {NUMBER_WORDS[n]} sides is a {shape}.",
+        ]
+    out += [
+        "a shape with four equal sides is a square.",
+        "a circle has no corners.",
+        "a round shape with no corners is a circle.",
+        "a full moon looks like a circle.",
+        "a shape like a full moon is a circle.",
+        "a plus sign looks like a cross.",
+        "a shape like a plus sign is a cross.",
+        "the red cross symbol is a cross.",
+        "a shape like the red cross symbol is a cross.",
+        "a kite standing on its tip looks like a diamond.",
+        "a shape like a kite standing on its tip is a diamond.",
+        "a rhombus is a diamond.",
+        "a shape like a rhombus is a diamond.",
+    ]
+    for a, b in itertools.product(range(5), range(5)):
+        if a + b < len(NUMBER_WORDS):
+            out.append(f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.")
+    return out
+
+
+def reasoning_prompt(scene: Scene, rng: np.random.Generator) -> str:
+    colour = COLOUR_CONCEPTS[scene.colour][int(rng.integers(2))]
+    shape = SHAPE_CONCEPTS[scene.shape][int(rng.integers(2))]
+    where = "in the centre" if scene.position == "centre" else f"at the {scene.position}"
+    return f"Generate an image of a {scene.size} {shape} in the colour of {colour} {where}."
+
+
+# -- splits ----------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """Everything one run of the toy world needs, as plain data."""
+
+    train_generation: list[Scene]  # scenes allowed as generation targets
+    test_generation: list[Scene]  # scenes held out from every generation target
+
+
+def make_splits(seed: int, held_out: float = 0.5) -> Splits:
+    """Hold out a share of the scenes from generation targets; every shape, colour, size and
+    position still occurs among the training targets (only their combinations are new)."""
+    rng = np.random.default_rng(seed)
+    scenes = all_scenes()
+    while True:
+        order = rng.permutation(len(scenes))
+        cut = int(len(scenes) * held_out)
+        test = [scenes[i] for i in order[:cut]]
+        train = [scenes[i] for i in order[cut:]]
+        covered = all(
+            {getattr(s, a) for s in train} == set(values)
+            for a, values in zip(ATTRIBUTES, (SHAPES, COLOURS, SIZES, POSITIONS), strict=True)
+        )
+        if covered:
+            return Splits(train, test)
+
+
+def scene_from(attrs: dict[str, Any]) -> Scene:
+    return Scene(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"])
