@@ -276,3 +276,33 @@ def test_pixel_value_ranges():
         ValueError, match=r"image 3: float pixels must lie in \[0, 1\], got \[0, 255\]"
     ):
         to_tensor(np.array([[0.0, 255.0]]), index=3)
+
+
+def test_center_subtracts_the_saved_token_mean(tmp_path):
+    from metamorph_core.testing import build_tiny_tokenizer
+    from metamorph_encoders.base import token_mean
+    from metamorph_encoders.pretrain import build_siglip, save_siglip, small_siglip_config
+
+    tok = build_tiny_tokenizer()
+    save_siglip(build_siglip(small_siglip_config(len(tok), image_size=16)), tok, tmp_path / "s")
+    images = torch.rand(6, 3, 16, 16)
+    raw = create("encoder", "siglip", pretrained=str(tmp_path / "s"), num_tokens=4, normalize=False)
+    mean = token_mean(raw, images, tmp_path / "mean.safetensors")
+    centred = create(
+        "encoder",
+        "siglip",
+        pretrained=str(tmp_path / "s"),
+        num_tokens=4,
+        normalize=False,
+        center=str(mean),
+    )
+    with torch.no_grad():
+        a, b = raw(raw.preprocess(images)), centred(centred.preprocess(images))
+    assert torch.allclose(b, a - a.mean(0), atol=1e-5)
+    assert b.mean(0).abs().max() < 1e-5 and a.mean(0).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"must hold 'token_mean' of shape \(64, 64\)"):
+        create("encoder", "siglip", pretrained=str(tmp_path / "s"), center=str(mean))
+    with pytest.raises(ValueError, match="normalize=False"):
+        token_mean(
+            create("encoder", "siglip", pretrained=str(tmp_path / "s")), images, tmp_path / "x"
+        )

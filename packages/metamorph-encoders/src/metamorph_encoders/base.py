@@ -4,6 +4,7 @@ reduction, L2 normalisation and freezing. A concrete encoder supplies the backbo
 from __future__ import annotations
 
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +22,11 @@ class GridEncoder(VisionEncoder):
     Options (every encoder): ``layer`` (hidden-state index: 0 = embeddings, ``i`` = output of
     block ``i``, ``-1`` = last block, *before* any final norm), ``drop_prefix_tokens`` (class /
     register tokens), ``num_tokens`` and ``reduction`` (``interpolate`` as the paper,
-    ``avgpool``, ``none``), ``normalize`` (L2, default on), ``frozen`` (default on: no grads,
-    eval mode, run under no-grad). Tokens are returned in float32.
+    ``avgpool``, ``none``), ``normalize`` (L2, default on), ``center`` (a ``.safetensors`` file
+    whose ``token_mean`` ``(num_tokens, c)`` is subtracted before the L2 normalisation: for
+    small encoders whose tokens share a dominant direction, see :func:`token_mean`),
+    ``frozen`` (default on: no grads, eval mode, run under no-grad). Tokens are returned in
+    float32.
     """
 
     def _setup(
@@ -38,6 +42,7 @@ class GridEncoder(VisionEncoder):
         reduction: str,
         normalize: bool,
         frozen: bool,
+        center: str | None = None,
         drop_prefix_tokens: bool,
         dtype: str | torch.dtype,
         name: str,
@@ -76,6 +81,18 @@ class GridEncoder(VisionEncoder):
         self.num_tokens, self.reduction = num_tokens, reduction
         self.normalize, self.frozen, self.drop_prefix_tokens = normalize, frozen, drop_prefix_tokens
         self.image_size = transform.size
+        self.center = center
+        if center is not None:
+            from safetensors.torch import load_file
+
+            mean = load_file(str(center)).get("token_mean")
+            if mean is None or tuple(mean.shape) != (num_tokens, int(hidden_size)):
+                raise ValueError(
+                    f"encoder '{name}': center file '{center}' must hold 'token_mean' of shape "
+                    f"({num_tokens}, {hidden_size}) (this encoder's tokens); make it with "
+                    "metamorph_encoders.base.token_mean"
+                )
+            self.register_buffer("token_mean", mean.float(), persistent=False)
         self.requires_grad_(not frozen)
         if frozen:
             self.eval()
@@ -86,6 +103,7 @@ class GridEncoder(VisionEncoder):
             "normalize": normalize,
             "frozen": frozen,
             "drop_prefix_tokens": drop_prefix_tokens,
+            "center": center,
             "dtype": dtype_name(resolve_dtype(dtype)),
             "image_transform": transform.to_dict(),
         }
@@ -116,6 +134,8 @@ class GridEncoder(VisionEncoder):
             if self.drop_prefix_tokens:
                 x = reduce_grid(x[:, prefix:], self.grid, self.num_tokens, self.reduction)
             x = x.float()
+            if self.center is not None:
+                x = x - self.token_mean
             return F.normalize(x, p=2, dim=-1) if self.normalize else x
 
     def reload_kwargs(self) -> dict[str, Any]:
@@ -123,3 +143,27 @@ class GridEncoder(VisionEncoder):
         param = next(self.parameters(), None)
         dtype = dtype_name(param.dtype) if param is not None else self._options["dtype"]
         return {**self._options, "dtype": dtype, "frozen": self.frozen}
+
+
+@torch.no_grad()
+def token_mean(encoder: GridEncoder, images: Any, path: str | Path, batch_size: int = 256) -> Path:
+    """Write the mean token ``(num_tokens, c)`` of ``encoder`` (built without ``center``) over
+    ``images`` to ``path`` (safetensors, key ``token_mean``), for the ``center`` option."""
+    from safetensors.torch import save_file
+
+    if encoder.center is not None or encoder.normalize:
+        raise ValueError(
+            "compute the token mean with an encoder built with center=None and normalize=False "
+            "(the mean is of the tokens before normalisation)"
+        )
+    total, count = None, 0
+    for start in range(0, len(images), batch_size):
+        chunk = encoder.preprocess(images[start : start + batch_size])
+        x = encoder(chunk.to(next(encoder.parameters()).device))
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += x.shape[0]
+    if total is None:
+        raise ValueError("token_mean needs at least one image")
+    path = Path(path)
+    save_file({"token_mean": (total / count).contiguous().cpu()}, str(path))
+    return path
