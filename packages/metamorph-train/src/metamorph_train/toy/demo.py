@@ -69,7 +69,7 @@ PRESETS = {
         understanding=256,
         generation=128,
         text_repeats=1,
-        judge_steps=150,
+        judge_steps=120,
         vqa_test=48,
         generation_test=24,
         reasoning_test=24,
@@ -88,7 +88,7 @@ PRESETS = {
         understanding=4000,
         generation=3000,
         text_repeats=4,
-        judge_steps=1500,
+        judge_steps=400,
         vqa_test=400,
         generation_test=300,
         reasoning_test=200,
@@ -106,7 +106,7 @@ PRESETS = {
         understanding=12000,
         generation=8000,
         text_repeats=8,
-        judge_steps=3000,
+        judge_steps=800,
         vqa_test=600,
         generation_test=540,
         reasoning_test=300,
@@ -708,7 +708,13 @@ def run_demo(
     metrics, report = clock.run(
         "eval", lambda: evaluate(out, preset, options, world["splits"], judge, log), log
     )
-    metrics["judge_accuracy"] = validation["clean"]
+    clean = validation["clean"]["accuracy"]  # all four attributes right, fresh renders
+    metrics["judge_accuracy"] = {
+        "value": clean["rate"],
+        "ci95": list(clean["ci95"]),
+        "n": clean["n"],
+        "chance": 1 / len(W.all_scenes()),
+    }
     metrics["judge_validation"] = validation
     metrics["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 2)}
     metrics["run"] = {"preset": name, **asdict(preset), **asdict(options)}

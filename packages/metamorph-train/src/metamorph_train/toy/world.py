@@ -88,7 +88,7 @@ def all_scenes() -> list[Scene]:
 
 
 # -- rendering -------------------------------------------------------------------------------
-def _mask(shape: str, cx: float, cy: float, half: float, n: int) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, half: float, n: int) -> np.ndarray:
     """A boolean ``(n, n)`` mask of ``shape`` centred at (cx, cy) (pixel units of an n grid)."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
     dx, dy = xx - cx, yy - cy
@@ -125,7 +125,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     cx, cy = cell_centre(scene.position, size)
     jx, jy = rng.uniform(-1.5, 1.5, 2) * scale
     half = HALF_EXTENT[scene.size] * scale
-    mask = _mask(scene.shape, (cx + jx) * ss, (cy + jy) * ss, half * ss, size * ss)
+    mask = shape_mask(scene.shape, (cx + jx) * ss, (cy + jy) * ss, half * ss, size * ss)
     cover = mask.reshape(size, ss, size, ss).mean(axis=(1, 3))[..., None]
     tint = rng.uniform(150, 215) + rng.uniform(-12, 12, 3)
     background = np.clip(tint + rng.normal(0, 5, (size, size, 3)), 0, 255)
