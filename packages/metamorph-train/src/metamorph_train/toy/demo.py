@@ -58,16 +58,16 @@ class Preset:
 
 PRESETS = {
     "micro": Preset(
-        images=256,
-        encoder_steps=40,
-        decoder_steps=30,
+        images=512,
+        encoder_steps=100,
+        decoder_steps=80,
         decoder_channels=(16, 32),
-        lm_steps=30,
+        lm_steps=150,
         lm_hidden=64,
         lm_layers=2,
-        vpit_steps=60,
-        understanding=256,
-        generation=128,
+        vpit_steps=300,
+        understanding=1024,
+        generation=256,
         text_repeats=1,
         judge_steps=120,
         vqa_test=48,

@@ -1,0 +1,42 @@
+"""`metamorph demo --preset micro`: the whole toy-world pipeline (encoder pretraining, decoder,
+LM pretraining, VPiT, evaluation) runs through the CLI; every stage ran, every metric is there,
+and the judge is clearly above its chance baseline."""
+
+from __future__ import annotations
+
+import json
+
+from metamorph_train.cli import main as cli
+
+STAGES = ("world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "eval")
+METRICS = (
+    "understanding_accuracy",
+    "generation_accuracy",
+    "reasoning_generation_accuracy",
+    "decoder_reconstruction_accuracy",
+    "token_nearest_neighbour_accuracy",
+    "control_shuffled_tokens_accuracy",
+)
+
+
+def test_micro_demo_runs_every_stage_and_learns(tmp_path):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--preset", "micro", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(STAGES) <= set(metrics["seconds"])
+    for stage in ("encoder", "decoder", "lm", "vpit"):
+        assert (out / stage / "final").is_dir(), stage
+    for key in METRICS:
+        m = metrics[key]
+        assert 0.0 <= m["value"] <= 1.0 and m["n"] > 0 and 0.0 < m["chance"] < 1.0, key
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1], key
+    cos = metrics["visual_token_cosine"]
+    assert -1.0 <= cos["value"] <= 1.0 and -1.0 <= cos["mean_token_baseline"] <= 1.0
+    # Not yet asserted: understanding clearly above chance. At the micro preset's step counts
+    # it is not (measured 0.21 against a chance of 0.24; issue #7 stays open for it).
+    judge = metrics["judge_accuracy"]
+    assert judge["ci95"][0] > 0.5, judge
+    report = (out / "report.md").read_text()
+    assert "understanding_accuracy" in report
+    for grid in ("generation.png", "reasoning.png", "understanding.png"):
+        assert (out / grid).is_file() and grid in report
