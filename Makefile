@@ -9,7 +9,7 @@ STAMP := $(VENV)/.metamorph-installed
 PACKAGES := packages/metamorph-core[lora] packages/metamorph-encoders packages/metamorph-decoders packages/metamorph-train
 EXAMPLE_PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard examples/*/pyproject.toml))
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint bench
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

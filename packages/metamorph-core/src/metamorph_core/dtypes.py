@@ -23,3 +23,9 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ValueError(f"dtype {dtype} is not one of {', '.join(_DTYPES)}")
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first parameter (float32 for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32

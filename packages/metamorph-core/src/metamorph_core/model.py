@@ -10,6 +10,7 @@ are context only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamorph_core import __version__
+from metamorph_core import __version__, generation
 from metamorph_core.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -30,8 +31,9 @@ from metamorph_core.checkpoint import (
 )
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
 from metamorph_core.conversation import Conversation, ImageFeatures
-from metamorph_core.dtypes import dtype_name, resolve_dtype
+from metamorph_core.dtypes import dtype_name, module_dtype, resolve_dtype
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
+from metamorph_core.generation import GenerationConfig, GenerationEvent, GenerationResult, Prompt
 from metamorph_core.interfaces import (
     SUBFOLDER,
     Backbone,
@@ -63,11 +65,6 @@ class MetaMorphOutput:
     visual_tokens: torch.Tensor
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    p = next(module.parameters(), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def _spec_of(component: nn.Module, kind: str) -> ComponentSpec:
@@ -228,15 +225,76 @@ class MetaMorphModel(nn.Module):
                 f"{self.encoder.hidden_size}; train the decoder on this encoder's tokens"
             )
 
-    def decode_images(self, tokens: torch.Tensor, **sampling: Any) -> Any:
-        """``(b, num_tokens, c)`` visual tokens -> images, through the attached decoder."""
+    def require_decoder(self) -> VisualDecoder:
+        """The attached decoder; a clear error saying how to attach one if there is none."""
         if self.decoder is None:
             raise ValueError(
                 "no visual decoder is attached, so visual tokens cannot become pixels; attach "
                 "one with model.attach_decoder(create('decoder', 'sd-unet', pretrained=DIR, "
                 "...)) or set MetaMorphConfig.decoder"
             )
-        return self.decoder.decode(tokens, **sampling)
+        return self.decoder
+
+    def decode_images(self, tokens: torch.Tensor, **sampling: Any) -> Any:
+        """``(b, num_tokens, c)`` visual tokens -> images, through the attached decoder."""
+        return self.require_decoder().decode(tokens, **sampling)
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        images: Sequence[Any] | None = None,
+        *,
+        response_prefix: str = "",
+        config: GenerationConfig | None = None,
+        **options: Any,
+    ) -> list[GenerationResult]:
+        """Generate text and images for ``prompts`` (strings or conversations ending in a user
+        turn); one :class:`~metamorph_core.generation.GenerationResult` per prompt. ``options``
+        are :class:`~metamorph_core.generation.GenerationConfig` fields (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
+        ``guidance_scale``, ``decode_images`` ...). See :mod:`metamorph_core.generation`."""
+        return generation.generate(
+            self, prompts, images, response_prefix=response_prefix, config=config, **options
+        )
+
+    def generate_image(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        images: Sequence[Any] | None = None,
+        *,
+        response_prefix: str = "",
+        config: GenerationConfig | None = None,
+        **options: Any,
+    ) -> list[GenerationResult]:
+        """Text-to-image (image-to-image with input ``images``): the answer is prefilled with
+        ``response_prefix`` + ``<image_start>``, so each result holds exactly one image."""
+        return generation.generate_image(
+            self, prompts, images, response_prefix=response_prefix, config=config, **options
+        )
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        images: Sequence[Any] | None = None,
+        *,
+        response_prefix: str = "",
+        force_image: bool = False,
+        config: GenerationConfig | None = None,
+        **options: Any,
+    ) -> Iterator[GenerationEvent]:
+        """Like :meth:`generate` (or :meth:`generate_image` with ``force_image``), yielding
+        text pieces, images and finished results as they come
+        (:class:`~metamorph_core.generation.TextEvent`, ``ImageEvent``, ``DoneEvent``)."""
+        return generation.stream(
+            self,
+            prompts,
+            images,
+            response_prefix=response_prefix,
+            force_image=force_image,
+            config=config,
+            **options,
+        )
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -293,7 +351,7 @@ class MetaMorphModel(nn.Module):
         rows (``position_ids`` restarting per sample, no ``attention_mask``) attend within each
         sample only."""
         embeds = self.backbone.embed(input_ids)
-        proj_dtype, head_dtype = _dtype_of(self.projector), _dtype_of(self.head)
+        proj_dtype, head_dtype = module_dtype(self.projector), module_dtype(self.head)
         tokens = None
         if image_slot_mask is not None and bool(image_slot_mask.any()):
             if image_features is not None:
@@ -376,7 +434,7 @@ class MetaMorphModel(nn.Module):
                     (tmp / kind).rmdir()
                     tensors.update({f"{kind}.{k}": v for k, v in module.state_dict().items()})
                     if next(module.parameters(), None) is not None:
-                        entry["dtype"] = dtype_name(_dtype_of(module))
+                        entry["dtype"] = dtype_name(module_dtype(module))
                 else:
                     entry.update(subfolder=kind, load_kwargs=load_kwargs)
                 components[kind] = entry

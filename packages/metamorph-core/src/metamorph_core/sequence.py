@@ -92,6 +92,10 @@ class SequenceBuilder:
             return () if bos is None else (int(bos),)
         return self._tokenize(text)
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a piece of plain text, tokenised as the builder tokenises a piece."""
+        return list(self._tokens(text))
+
     def _tokenize_uncached(self, text: str) -> tuple[int, ...]:
         if "<image_start>" in text or "<image_end>" in text:
             raise ConversationError(

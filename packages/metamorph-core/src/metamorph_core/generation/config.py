@@ -1,0 +1,83 @@
+"""How to generate: :class:`GenerationConfig`, validated when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate. Invalid values raise ``ValueError`` when the config is made.
+
+    ``max_new_tokens`` bounds the sampled text tokens of each sample (``<image_start>``
+    included); an image once started always completes. ``do_sample=False`` is greedy; with
+    ``do_sample=True`` the logits are divided by ``temperature`` and cut to the ``top_k`` most
+    likely (``0``: no cut) and to the smallest set of probability ``top_p``; sample ``i`` draws
+    from a generator seeded with ``seed + i`` (``None``: torch's global RNG). Generation of a
+    sample stops at its EOS token or the template's end-of-turn token (unless ``ignore_eos``),
+    or when its text contains one of the ``stop`` strings (the text is cut before it).
+    ``guidance_scale``: classifier-free guidance on visual tokens, ``1.0`` off.
+    ``decode_images``: turn each generated image into a PIL image with the attached decoder,
+    passing it ``decode_kwargs`` (e.g. ``steps``, ``guidance_scale``, ``seed`` for ``sd-unet``);
+    each image is decoded on its own as it completes, so its pixels do not depend on the batch.
+    ``use_cache=False`` recomputes the whole sequence at every step (for reference and
+    benchmarks only: same results, much slower).
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    guidance_scale: float = 1.0
+    decode_images: bool = False
+    decode_kwargs: dict[str, Any] = field(default_factory=dict)
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+            ),
+            (
+                self.temperature > 0 or not self.do_sample,
+                f"temperature must be > 0 when sampling, got {self.temperature}; for greedy "
+                "decoding leave do_sample False",
+            ),
+            (
+                isinstance(self.top_k, int) and self.top_k >= 0,
+                f"top_k must be an integer >= 0 (0: no cut), got {self.top_k!r}",
+            ),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (
+                self.seed is None or isinstance(self.seed, int),
+                f"seed must be an integer or None, got {self.seed!r}",
+            ),
+            (
+                all(isinstance(s, str) and s for s in self.stop),
+                f"stop strings must be non-empty strings, got {self.stop!r}",
+            ),
+            (
+                self.guidance_scale >= 0,
+                f"guidance_scale must be >= 0 (1.0: no guidance), got {self.guidance_scale}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        greedy_only = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        changed = [k for k, v in greedy_only.items() if getattr(self, k) != v]
+        if not self.do_sample and changed:
+            verb = "applies" if len(changed) == 1 else "apply"
+            raise ValueError(
+                f"{', '.join(changed)} only {verb} when sampling, but do_sample is False "
+                "(greedy decoding); set do_sample=True or leave the default"
+            )

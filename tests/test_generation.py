@@ -1,0 +1,409 @@
+"""Interleaved generation (issue #6) on a tiny model trained for a few steps, so that greedy
+choices are not near-ties: KV cache against the recompute loop, batching against one sample at
+a time, the VPiT alignment recomputed by hand, guidance, sampling, streaming, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import image
+
+from metamorph_core import MetaMorphModel, create
+from metamorph_core.conversation import Conversation, ImageFeatures, Turn
+from metamorph_core.errors import ConversationError
+from metamorph_core.generation import (
+    DoneEvent,
+    GenerationConfig,
+    ImageEvent,
+    TextEvent,
+    encode_prompts,
+    to_conversations,
+)
+from metamorph_core.generation.detokenize import IncrementalText
+from metamorph_core.testing import build_tiny_tokenizer, tiny_model_config
+
+RED = "generate an image of a red square"
+BLUE = "a blue circle"
+ANSWER = "here is an image based on your request: "
+PROMPTS = [
+    RED,
+    BLUE,
+    "two plus three",
+    Conversation([Turn("user", "<image>\nwhat colour is the shape?")], [image(3)]),
+]
+TOL = 1e-5
+
+
+def solid(rgb: tuple[float, float, float]) -> torch.Tensor:
+    return torch.tensor(rgb)[:, None, None].expand(3, 16, 16).clone()
+
+
+def training_set() -> list[Conversation]:
+    gen = [
+        Conversation([Turn("user", RED), Turn("assistant", ANSWER + "<image>")], [image(1)]),
+        # the image mid-answer: text resumes after <image_end>
+        Conversation(
+            [Turn("user", BLUE), Turn("assistant", "sure: <image> a blue circle.")], [image(2)]
+        ),
+    ]
+    edit = [  # image-to-image: the answer depends on the prompt image
+        Conversation(
+            [Turn("user", "<image>\nmake it blue"), Turn("assistant", "<image>")],
+            [solid(colour), solid((0.1, 0.1, 0.9))],
+        )
+        for colour in ((0.9, 0.1, 0.1), (0.1, 0.9, 0.1))
+    ]
+    other = edit + [
+        Conversation([Turn("user", "two plus three"), Turn("assistant", "five")]),
+        Conversation(
+            [
+                Turn("user", "<image>\nwhat colour is the shape?"),
+                Turn("assistant", "the shape is red."),
+            ],
+            [image(3)],
+        ),
+    ]
+    return gen + other + [c.drop_prompt() for c in gen]  # prompt dropout: the uncond branch
+
+
+def train(model: MetaMorphModel, steps: int = 60) -> MetaMorphModel:
+    batch = model.prepare_batch(training_set())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, return_logits=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(backbone_dirs) -> MetaMorphModel:
+    torch.manual_seed(0)
+    return train(MetaMorphModel.from_config(tiny_model_config(backbone_dirs["llama"])))
+
+
+def same(a, b) -> None:
+    """Two result lists: identical text ids and text, visual tokens within TOL."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids and x.text == y.text
+        assert x.finish_reason == y.finish_reason and len(x.images) == len(y.images)
+        for s, t in zip(x.images, y.images, strict=True):
+            assert (s - t).abs().max().item() < TOL
+
+
+def test_trained_model_generates_text_and_images(model):
+    tok = model.backbone.tokenizer
+    red, blue, text, und = model.generate(PROMPTS, max_new_tokens=40)
+    assert red.text == ANSWER + "<image>" and red.finish_reason == "stop"
+    assert blue.text == "sure: <image> a blue circle." and len(blue.images) == 1
+    assert text.text == "five" and text.images == []
+    assert und.text == "the shape is red."
+    start, end = model.backbone.image_start_id, model.backbone.image_end_id
+    for r in (red, blue):  # <image_start>, then (n visual tokens, not ids) the forced <image_end>
+        k = r.token_ids.index(start)
+        assert r.token_ids[k + 1] == end
+        (tokens,) = r.images
+        assert tokens.shape == (model.num_image_tokens, model.encoder.hidden_size)
+        assert torch.allclose(tokens.norm(dim=-1), torch.ones(len(tokens)), atol=1e-5)
+    assert red.token_ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # end of turn: stop
+    # the two samples enter image mode at different steps of the same batch
+    assert red.token_ids.index(start) != blue.token_ids.index(start)
+
+
+def test_cache_matches_recompute_loop(model):
+    cached = model.generate(PROMPTS, max_new_tokens=40)
+    same(cached, model.generate(PROMPTS, max_new_tokens=40, use_cache=False))
+    forced = model.generate_image(PROMPTS[:2], response_prefix=ANSWER)
+    same(forced, model.generate_image(PROMPTS[:2], response_prefix=ANSWER, use_cache=False))
+
+
+def test_batch_matches_one_sample_at_a_time(model):
+    batched = model.generate(PROMPTS, max_new_tokens=40)
+    lengths = {len(p.sample.input_ids) for p in encode_prompts(model, to_conversations(PROMPTS))}
+    assert len(lengths) == len(PROMPTS)  # left padding is exercised
+    same(batched, [model.generate(p, max_new_tokens=40)[0] for p in PROMPTS])
+
+
+def test_visual_tokens_follow_the_vpit_alignment(model):
+    """Recomputed by hand with full forwards: the state at <image_start> predicts visual
+    token 1 (head output, L2-normalised); that token goes back in through the projector and
+    the state there predicts token 2."""
+    (result,) = model.generate_image(RED, response_prefix=ANSWER)
+    (p,) = encode_prompts(model, to_conversations(RED), ANSWER, force_image=True)
+    ids = torch.tensor([p.sample.input_ids])
+    assert ids[0, -1] == model.backbone.image_start_id
+    with torch.no_grad():
+        embeds = model.backbone.embed(ids)
+        first = F.normalize(model.head(model.backbone(embeds).hidden_states[0, -1]), dim=-1)
+        embeds = torch.cat([embeds, model.projector(first)[None, None]], dim=1)
+        second = F.normalize(model.head(model.backbone(embeds).hidden_states[0, -1]), dim=-1)
+    assert torch.allclose(result.images[0][0], first, atol=TOL)
+    assert torch.allclose(result.images[0][1], second, atol=TOL)
+    assert result.text == "<image>" and result.finish_reason == "image"
+    assert result.token_ids == [model.backbone.image_start_id, model.backbone.image_end_id]
+
+
+def test_image_to_image_reads_the_prompt_image(model):
+    red, green = (solid((0.9, 0.1, 0.1)), solid((0.1, 0.9, 0.1)))
+    a, b = (model.generate_image("make it blue", [img])[0] for img in (red, green))
+    assert not torch.allclose(a.images[0], b.images[0], atol=1e-3)
+    same(
+        [a, b],
+        model.generate_image("make it blue", [red], use_cache=False)
+        + model.generate_image("make it blue", [green], use_cache=False),
+    )
+    # an encoded image (e.g. from a feature cache) stands in for the pixels
+    with torch.no_grad():
+        tokens = model.encode_images(model.encoder.preprocess([red]))[0]
+    (c,) = model.generate_image("make it blue", [ImageFeatures(tokens)])
+    same([a], [c])
+
+
+def test_guidance_runs_both_branches_in_one_forward(model):
+    scale = 3.0
+    rows = []
+    hook = model.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True
+    )
+    try:
+        guided = model.generate_image([RED, BLUE], response_prefix=ANSWER, guidance_scale=scale)
+    finally:
+        hook.remove()
+    # cond + uncond rows in every forward: the prefill, then one per visual token but the last
+    assert rows == [4] * model.num_image_tokens
+
+    # the first token by hand: uncond + s * (cond - uncond) of the normalised head outputs
+    conv = to_conversations(RED)[0]
+    cond, uncond = (
+        encode_prompts(model, [c], ANSWER, force_image=True)[0].sample.input_ids
+        for c in (conv, conv.drop_prompt())
+    )
+    assert len(uncond) < len(cond)
+    with torch.no_grad():
+        c, u = (
+            F.normalize(
+                model.head(
+                    model.backbone(model.backbone.embed(torch.tensor([x]))).hidden_states[0, -1]
+                ),
+                dim=-1,
+            )
+            for x in (cond, uncond)
+        )
+    want = F.normalize(u + scale * (c - u), dim=-1)
+    assert torch.allclose(guided[0].images[0][0], want, atol=TOL)
+
+    plain = model.generate_image([RED, BLUE], response_prefix=ANSWER)
+    assert not torch.allclose(plain[0].images[0], guided[0].images[0], atol=1e-3)
+    same(plain, model.generate_image([RED, BLUE], response_prefix=ANSWER, guidance_scale=1.0))
+    same(
+        guided,
+        [
+            model.generate_image(p, response_prefix=ANSWER, guidance_scale=scale)[0]
+            for p in (RED, BLUE)
+        ],
+    )
+    # in free generation, text comes from the conditional rows only
+    free = model.generate([RED, BLUE], max_new_tokens=40, guidance_scale=scale)
+    assert [r.text for r in free] == [ANSWER + "<image>", "sure: <image> a blue circle."]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    opts = {"do_sample": True, "temperature": 5.0, "max_new_tokens": 12}
+    a = model.generate(PROMPTS, seed=1, **opts)
+    same(a, model.generate(PROMPTS, seed=1, **opts))
+    b = model.generate(PROMPTS, seed=2, **opts)
+    assert [r.token_ids for r in a] != [r.token_ids for r in b]
+    # sample i draws from seed + i, whatever else is in the batch
+    same([a[2]], model.generate(PROMPTS[2], seed=3, **opts))
+    # top-k 1 is greedy
+    greedy = model.generate(PROMPTS, max_new_tokens=12)
+    same(greedy, model.generate(PROMPTS, seed=0, **{**opts, "top_k": 1}))
+
+
+def test_stream_yields_what_generate_returns(model):
+    results = model.generate(PROMPTS, max_new_tokens=40)
+    texts, images, done, order = ["" for _ in PROMPTS], [[] for _ in PROMPTS], {}, []
+    for event in model.stream(PROMPTS, max_new_tokens=40):
+        assert event.sample not in done, "an event after the sample finished"
+        if isinstance(event, TextEvent):
+            assert event.text
+            texts[event.sample] += event.text
+        elif isinstance(event, ImageEvent):
+            assert event.index == len(images[event.sample])
+            images[event.sample].append(event.tokens)
+            assert texts[event.sample].endswith("<image>")  # the placeholder came first
+        else:
+            assert isinstance(event, DoneEvent)
+            done[event.sample] = event.result
+        order.append(event.sample)
+    assert texts == [r.text for r in results]
+    same([done[i] for i in range(len(PROMPTS))], results)
+    for got, r in zip(images, results, strict=True):
+        assert len(got) == len(r.images) and all(map(torch.equal, got, r.images))
+    assert len(set(order[:4])) > 1  # samples interleave
+
+
+def test_stop_strings_and_token_budget(model):
+    (r,) = model.generate(BLUE, max_new_tokens=40, stop=["circle"])
+    assert r.text == "sure: <image> a blue " and r.finish_reason == "stop"
+    pieces = [
+        e.text
+        for e in model.stream(BLUE, max_new_tokens=40, stop=["circle"])
+        if isinstance(e, TextEvent)
+    ]
+    assert "".join(pieces) == r.text  # a stop string is never streamed, even in part
+    (r,) = model.generate(BLUE, max_new_tokens=3)
+    assert len(r.token_ids) == 3 and r.finish_reason == "length"
+    # an image once started always completes: the budget ends right after it
+    full = model.generate(BLUE, max_new_tokens=40)[0]
+    k = full.token_ids.index(model.backbone.image_start_id) + 1
+    (r,) = model.generate(BLUE, max_new_tokens=k)
+    assert len(r.images) == 1 and r.token_ids == full.token_ids[: k + 1]
+    (r,) = model.generate(RED, max_new_tokens=40, ignore_eos=True)
+    assert r.finish_reason == "length" and r.text.startswith(ANSWER + "<image>")
+
+
+def test_incremental_text_holds_back_partial_characters_and_stops():
+    tok = build_tiny_tokenizer()
+    text = "a red é square 😀 on the left"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    inc = IncrementalText(tok)
+    pieces = [inc.push(i) for i in ids] + [inc.finish()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    inc = IncrementalText(tok, stop=["on the"])
+    streamed = "".join(inc.push(i) for i in ids) + inc.finish()
+    assert streamed == inc.text == "a red é square 😀 " and inc.stopped
+
+
+def test_context_limits(backbone_dirs, model):
+    small = MetaMorphModel.from_config(tiny_model_config(backbone_dirs["llama"], max_length=40))
+    small.load_state_dict(model.state_dict())
+    small.eval()
+    n_prompt = len(encode_prompts(small, to_conversations(RED))[0].sample.input_ids)
+    (r,) = small.generate(RED, max_new_tokens=100)
+    assert r.finish_reason == "length" and n_prompt + len(r.token_ids) <= 40
+    with pytest.raises(ConversationError, match="over the maximum of 40"):
+        small.generate(RED + " and" * 40)
+    with pytest.raises(ConversationError, match=r"needs 5 more, but the context holds 40"):
+        small.generate_image(RED, response_prefix=" and" * (40 - n_prompt - 3))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0 when sampling"),
+        ({"temperature": 0.0}, "temperature only applies when sampling"),
+        ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"do_sample": True, "top_k": -1}, "top_k must be an integer >= 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"top_p": 0.9}, "top_p only applies when sampling.*do_sample=True"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+    ],
+)
+def test_invalid_settings_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**options)
+
+
+def test_bad_input_is_refused_clearly(model, tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        model.generate(RED, temprature=0.5)
+    with pytest.raises(ValueError, match="no visual decoder is attached.*attach_decoder"):
+        model.generate(RED, decode_images=True)
+    with pytest.raises(ValueError, match="no visual decoder"):  # when called, not when iterated
+        model.stream(RED, decode_images=True)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="cannot read image file .*not-an-image.png"):
+        model.generate_image("make it blue", [str(bad)])
+    with pytest.raises(ValueError, match="images= goes with a single string prompt"):
+        model.generate([RED, BLUE], [image(1)])
+    with pytest.raises(ConversationError, match="must end with a user turn.*response_prefix"):
+        model.generate(Conversation([Turn("user", RED), Turn("assistant", "here")]))
+    with pytest.raises(ConversationError, match="placeholder"):
+        model.generate("<image> and <image>", [image(1)])
+
+
+def tiny_decoder(model: MetaMorphModel):
+    return create(
+        "decoder",
+        "sd-unet",
+        token_dim=model.encoder.hidden_size,
+        num_tokens=model.num_image_tokens,
+        unet_config={
+            "sample_size": 16,
+            "in_channels": 3,
+            "out_channels": 3,
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        },
+        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
+        context_length=8,
+        seed=0,
+    )
+
+
+def test_cli_writes_text_and_png(model, tmp_path, capsys):
+    pytest.importorskip("metamorph_decoders")
+    from PIL import Image
+
+    from metamorph_train.cli import main
+
+    model.attach_decoder(tiny_decoder(model).eval())
+    try:
+        ckpt = model.save_pretrained(tmp_path / "model")
+        (r,) = model.generate(RED, decode_images=True, decode_kwargs={"steps": 2, "seed": 0})
+    finally:
+        model.decoder = None
+        model.config.decoder = None
+    assert len(r.pil_images) == 1 and r.pil_images[0].size == (16, 16)
+
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(ckpt), RED, "--out", str(out)]
+    assert main([*argv, "--decoder-kwargs", '{"steps": 2, "seed": 0}']) == 0
+    assert capsys.readouterr().out.strip() == ANSWER + "<image>"  # streamed to stdout
+    assert (out / "text.txt").read_text().strip() == ANSWER + "<image>"
+    record = json.loads((out / "result.json").read_text())
+    assert record["images"] == ["image-0.png"] and record["finish_reason"] == "stop"
+    with Image.open(out / "image-0.png") as png:
+        assert png.size == (16, 16) and png.mode == "RGB"
+    assert (out / "visual_tokens.safetensors").is_file()
+
+    forced = tmp_path / "forced"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(ckpt),
+                "a green star",
+                "--out",
+                str(forced),
+                "--force-image",
+                "--decoder-kwargs",
+                '{"steps": 2}',
+            ]
+        )
+        == 0
+    )
+    assert (forced / "image-0.png").is_file()
+
+    assert main([*argv, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "--image" in capsys.readouterr().err
+    assert main([*argv, "--do-sample", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
