@@ -59,13 +59,13 @@ class Preset:
 PRESETS = {
     "micro": Preset(
         images=512,
-        encoder_steps=100,
-        decoder_steps=80,
+        encoder_steps=200,
+        decoder_steps=40,
         decoder_channels=(16, 32),
         lm_steps=150,
         lm_hidden=64,
         lm_layers=2,
-        vpit_steps=300,
+        vpit_steps=500,
         understanding=1024,
         generation=256,
         text_repeats=1,
