@@ -84,6 +84,7 @@ def main() -> None:
     if dist.is_initialized():
         seen = [None] * dist.get_world_size()
         dist.all_gather_object(seen, trainer.seen)
+        dist.barrier()  # no rank tears its connections down while a peer still uses them
         dist.destroy_process_group()
     if trainer.rank == 0:
         with open(f"{out}/seen.json", "w") as f:

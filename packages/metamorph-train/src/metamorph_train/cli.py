@@ -83,6 +83,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     summary = run_recipe(recipe)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a clean shutdown: no rank leaves while peers still talk
+        dist.barrier()
+        dist.destroy_process_group()
     print(json.dumps({"summary": summary}, indent=2))
     return 0
 
