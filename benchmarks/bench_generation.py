@@ -17,7 +17,7 @@ within 1e-4). The backbone is Llama-style: hidden 512, 8 layers, 8 heads, MLP 15
 vocabulary 32000; the encoder side has the paper's shapes (64 tokens of width 1152,
 mlp2x_gelu projector and head).
 
-    .venv/bin/python benchmarks/bench_generation.py [--repeats 3] [--device cpu]
+    .venv/bin/python benchmarks/bench_generation.py [--repeats 3] [--device cpu] [--smoke]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from harness import Case, Suite
+from harness import Case, Suite, add_common_arguments, apply_threads, command_line, results_dir
 
 from metamorph_core import MetaMorphModel
 from metamorph_core.generation import (
@@ -54,9 +54,18 @@ BACKBONE = {
     "num_key_value_heads": 8,
     "max_position_embeddings": 2048,
 }
+TINY_BACKBONE = {  # --smoke
+    **BACKBONE,
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 
-def build_model(tmp: Path, device: str) -> MetaMorphModel:
+def build_model(tmp: Path, device: str, backbone: dict | None = None) -> MetaMorphModel:
     build_tiny_tokenizer("llama").save_pretrained(str(tmp / "tokenizer"))
     config = {
         "encoder": {
@@ -65,7 +74,11 @@ def build_model(tmp: Path, device: str) -> MetaMorphModel:
         },
         "backbone": {
             "name": "llama",
-            "kwargs": {"tokenizer": str(tmp / "tokenizer"), "config": BACKBONE, "seed": 0},
+            "kwargs": {
+                "tokenizer": str(tmp / "tokenizer"),
+                "config": backbone or BACKBONE,
+                "seed": 0,
+            },
         },
         "projector": "mlp2x_gelu",
         "head": "mlp2x_gelu",
@@ -131,20 +144,22 @@ def check_same_images(a: list[GenerationResult], b: list[GenerationResult], batc
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    add_common_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    apply_threads(args)
+    if args.smoke:
+        args.repeats, args.batches = 1, "1,2"
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    command = " ".join(["python benchmarks/bench_generation.py", *sys.argv[1:]])
-    suite = Suite("generation" + ("" if args.device == "cpu" else f"-{args.device}"), command)
+    name = "generation" + ("" if args.device == "cpu" else f"-{args.device}")
+    suite = Suite(name, command_line("bench_generation.py"), wait=not args.no_wait)
     batches = [int(b) for b in args.batches.split(",")]
     reps = {"repeats": args.repeats}
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp), args.device)
+        model = build_model(Path(tmp), args.device, TINY_BACKBONE if args.smoke else None)
     n = model.num_image_tokens
     cached, recompute = GenerationConfig(), GenerationConfig(use_cache=False)
     guided = GenerationConfig(guidance_scale=3.0)
@@ -183,7 +198,8 @@ def main() -> int:
                 ),
             )
         # the recompute loop at batch 8 takes about half a minute a run on 2 CPU cores
-        suite.measure(*cases, **({"warmup": 0, "repeats": 2} if b > 1 else reps))
+        slow = {"warmup": 0, "repeats": min(2, args.repeats)}
+        suite.measure(*cases, **(slow if b > 1 else reps))
         guided_batch = prompts(model, b, image=True, guided=True)
         suite.measure(
             Case(
@@ -229,7 +245,7 @@ def main() -> int:
             **reps,
         )
 
-    json_path, md_path = suite.write(args.out)
+    json_path, md_path = suite.write(results_dir(args))
     print(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -1,0 +1,340 @@
+"""The GPU variant of the benchmarks (issue #8, part 5): bf16 autocast, SDPA attention, random
+weights of realistic shapes created directly on the GPU (no CPU initialisation, nothing
+downloaded), bounded step counts, written to finish in at most 6 minutes (``--budget-s``).
+
+Sections, each in its own process (its peak memory is its own, and a section that fails or
+runs out of memory does not take the others with it); the parent measures the GPU's bf16
+matmul peak first and hands it to each section for MFU:
+
+- ``train-1b``: Llama-3.2-1B-shaped backbone (fp32 master weights, bf16 autocast, ``full``
+  recipe) with a SigLIP so400m-shaped encoder (width 1152, 27 blocks, 14 px patches at 384 px:
+  27x27 patches reduced to 64 tokens, frozen): the VPiT step with a generation target, batch
+  8 x 1024, encoder live vs feature cache; peak CUDA memory.
+- ``llava-1b``: the same 1B backbone and encoder against transformers'
+  ``LlavaForConditionalGeneration`` with the same weights (understanding, batch 4 x 1024). LLaVA
+  cannot reduce the patch grid, so here both models take all 729 patches; losses checked equal
+  (fp32) before timing.
+- ``lora-8b``: Llama-3-8B-shaped backbone in bf16 weights with LoRA (r 16, all linear layers,
+  the ``lora`` recipe) and the so400m encoder: the generation-target step, batch 4 x 1024; peak
+  CUDA memory.
+- ``generate-1b``: the 1B model in bf16: visual tokens/s with the KV cache vs the recompute
+  loop, batch 1 and 8, from 128-token prompts (as ``bench_generation.py``).
+
+MFU counts model FLOPs as ``workloads.py`` says (a LoRA backbone's frozen weights at 4 FLOPs
+per parameter and token). ``--smoke`` runs every section on tiny shapes (on the CPU when there
+is no GPU) to check the code path; its figures mean nothing.
+
+    .venv/bin/python benchmarks/gpu.py [--device cuda] [--budget-s 360] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import workloads as W
+from harness import (
+    Case,
+    Result,
+    Suite,
+    add_common_arguments,
+    apply_threads,
+    command_line,
+    peak_memory,
+    reset_peak_memory,
+    results_dir,
+)
+
+from metamorph_train.objectives import VPiTObjective
+
+SECTIONS = ("train-1b", "llava-1b", "lora-8b", "generate-1b")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    small: dict[str, Any]  # the 1B-class backbone
+    large: dict[str, Any]  # the 8B-class backbone
+    encoder: dict[str, Any]
+    sequence: int
+    batch: int  # train-1b
+    pair_batch: int  # llava-1b, lora-8b
+    matmul: int
+
+
+REAL = Shapes(W.LLAMA_1B, W.LLAMA_8B, W.SO400M, 1024, 8, 4, 8192)
+SMOKE = Shapes(
+    W.TINY_LLAMA_GQA,
+    {**W.TINY_LLAMA_GQA, "num_hidden_layers": 3},
+    W.TINY_SO400M,
+    200,
+    2,
+    2,
+    256,
+)
+
+
+def add_mfu(result: Result, flops: float, peak_gflops: float) -> None:
+    achieved = flops / result.median_s / 1e9
+    result.figures["TFLOP/s"] = achieved / 1e3
+    result.figures["% MFU"] = 100 * achieved / peak_gflops
+
+
+def record_memory(
+    suite: Suite, name: str, config: dict[str, Any], model: Any, step: W.Step
+) -> None:
+    """Peak memory since the last reset (CUDA allocations; RSS on the CPU) and the exact size
+    of the weights, gradients and optimizer state after ``step``."""
+    figures = {k: v for k, v in peak_memory().items() if "CUDA" in k or "since reset" in k}
+    suite.record(name, {**figures, **W.state_mib(model, step.optimizer)}, config)
+
+
+def loss_check(what: str, a: float, b: float, tol: float) -> float:
+    diff = abs(a - b) / max(abs(b), 1e-6)
+    if diff > tol:
+        raise SystemExit(f"{what}: {a:.6f} vs {b:.6f} (rel {diff:.1e} > {tol})")
+    print(f"check {what}: {a:.6f} vs {b:.6f} (rel {diff:.1e})", flush=True)
+    return diff
+
+
+# -- sections (each runs in a process of its own) --------------------------------------------
+def train_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
+    model = W.build_random_model(tmp, s.small, s.encoder, args.device)
+    objective = VPiTObjective(model)
+    params = W.trainable(objective, "full")
+    convs = W.conversations(model, [s.sequence] * s.batch, ["generation"] * s.batch)
+    live = objective.batch(convs, 0)
+    cache = objective.batch(W.cached(model, convs), 0)
+    model.train()
+    with torch.no_grad():
+        for term, a, b in zip(
+            objective.terms,
+            objective.loss_sums(model, live),
+            objective.loss_sums(model, cache),
+            strict=True,
+        ):
+            loss_check(f"feature cache, {term}", a.item(), b.item(), 1e-4)
+    cfg = {"backbone": "1B", "batch": s.batch, "sequence": s.sequence, "dtype": "bf16 autocast"}
+    tokens = {"tokens": float(sum(W.sample_lengths(live)))}
+    step_live = W.Step(W.vpit_loss(objective, live), params, args.device, bf16=True)
+    step_cache = W.Step(W.vpit_loss(objective, cache), params, args.device, bf16=True)
+    reset_peak_memory()
+    step_live()
+    record_memory(suite, "1B full: peak memory of a step", cfg, model, step_live)
+    live_r, cache_r = suite.measure(
+        Case("1B full, generation target: encoder live", step_live, cfg, tokens),
+        Case("1B full, generation target: feature cache", step_cache, cfg, tokens),
+        warmup=2,
+        repeats=args.repeats,
+    )
+    add_mfu(live_r, W.step_flops(model, live), args.peak_gflops)
+    add_mfu(cache_r, W.step_flops(model, cache, encoder_runs=False), args.peak_gflops)
+
+
+def llava_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
+    model = W.build_random_model(tmp, s.small, s.encoder, args.device, num_tokens=None)
+    objective = VPiTObjective(model)
+    params = W.trainable(objective, "full")
+    convs = W.conversations(model, [s.sequence] * s.pair_batch, ["understanding"] * s.pair_batch)
+    batch = objective.batch(convs, 0)
+    image_token = model.backbone.causal_lm.config.vocab_size - 1
+    llava = W.build_llava(model, image_token)
+    lbatch = W.llava_batch(batch, image_token)
+    model.train()
+    llava.train()
+    with torch.no_grad():
+        diff = loss_check(
+            "LLaVA fp32",
+            W.vpit_loss(objective, batch)().item(),
+            W.llava_loss(llava, lbatch)().item(),
+            1e-4,
+        )
+    cfg = {
+        "backbone": "1B",
+        "batch": s.pair_batch,
+        "sequence": s.sequence,
+        "image_tokens": model.num_image_tokens,
+        "dtype": "bf16 autocast",
+        "loss_rel_diff_fp32": diff,
+    }
+    tokens = {"tokens": float(sum(W.sample_lengths(batch)))}
+    theirs, ours = suite.measure(
+        Case(
+            "1B understanding: transformers LLaVA",
+            W.Step(
+                W.llava_loss(llava, lbatch),
+                [p for p in llava.parameters() if p.requires_grad],
+                args.device,
+                bf16=True,
+            ),
+            cfg,
+            tokens,
+        ),
+        Case(
+            "1B understanding: metamorph",
+            W.Step(W.vpit_loss(objective, batch), params, args.device, bf16=True),
+            cfg,
+            tokens,
+        ),
+        warmup=2,
+        repeats=args.repeats,
+    )
+    flops = W.step_flops(model, batch)
+    add_mfu(theirs, flops, args.peak_gflops)
+    add_mfu(ours, flops, args.peak_gflops)
+    assert ours.speedup is not None
+    suite.target(
+        "metamorph's 1B step not slower than LLaVA's", ours.speedup >= 1.0, f"{ours.speedup:.2f}x"
+    )
+
+
+def lora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
+    model = W.build_random_model(tmp, s.large, s.encoder, args.device, dtype="bfloat16")
+    model.apply_lora(r=16, alpha=32)
+    objective = VPiTObjective(model)
+    params = W.trainable(objective, "lora")
+    lora = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "backbone." in n
+    )
+    convs = W.conversations(model, [s.sequence] * s.pair_batch, ["generation"] * s.pair_batch)
+    batch = objective.batch(convs, 0)
+    model.train()
+    cfg = {
+        "backbone": "8B, bf16 weights, LoRA r16 all-linear",
+        "batch": s.pair_batch,
+        "sequence": s.sequence,
+        "dtype": "bf16 autocast",
+        "trainable_M": sum(p.numel() for p in params) / 1e6,
+    }
+    step = W.Step(W.vpit_loss(objective, batch), params, args.device, bf16=True)
+    reset_peak_memory()
+    step()
+    record_memory(suite, "8B LoRA: peak memory of a step", cfg, model, step)
+    tokens = {"tokens": float(sum(W.sample_lengths(batch)))}
+    (r,) = suite.measure(
+        Case("8B LoRA, generation target", step, cfg, tokens), warmup=1, repeats=args.repeats
+    )
+    add_mfu(r, W.step_flops(model, batch, backbone="lora", lora_params=lora), args.peak_gflops)
+
+
+def generate_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
+    import bench_generation as G
+
+    from metamorph_core.generation import GenerationConfig
+
+    model = W.build_random_model(tmp, s.small, s.encoder, args.device, dtype="bfloat16").eval()
+    cached, recompute = GenerationConfig(), GenerationConfig(use_cache=False)
+    n = model.num_image_tokens
+    for b in (1, 8):
+        batch = G.prompts(model, b, image=True)
+        fast = G.generate(model, batch, cached, True)
+        slow = G.generate(model, batch, recompute, True)
+        diff = max(
+            (x.images[0] - y.images[0]).abs().max().item() for x, y in zip(fast, slow, strict=True)
+        )
+        if diff > 0.1:  # unit vectors; bf16 kernels differ between the two paths
+            raise SystemExit(f"batch {b}: cached and recomputed visual tokens differ by {diff}")
+        cfg = {"batch": b, "prompt_tokens": G.PROMPT_TOKENS, "dtype": "bf16 weights", "diff": diff}
+        suite.measure(
+            Case(
+                f"1B image b{b}: recompute loop",
+                lambda batch=batch: G.generate(model, batch, recompute, True),
+                cfg,
+                {"visual tokens": b * n},
+            ),
+            Case(
+                f"1B image b{b}: KV cache",
+                lambda batch=batch: G.generate(model, batch, cached, True),
+                cfg,
+                {"visual tokens": b * n},
+            ),
+            warmup=1,
+            repeats=args.repeats,
+        )
+
+
+RUN: dict[str, Callable[[Suite, argparse.Namespace, Shapes, Path], None]] = {
+    "train-1b": train_1b,
+    "llava-1b": llava_1b,
+    "lora-8b": lora_8b,
+    "generate-1b": generate_1b,
+}
+
+
+# -- driver ----------------------------------------------------------------------------------
+def child(args: argparse.Namespace) -> int:
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    suite = Suite(args.section, command_line("gpu.py"), wait=not args.no_wait)
+    with tempfile.TemporaryDirectory() as tmp:
+        RUN[args.section](suite, args, SMOKE if args.smoke else REAL, Path(tmp))
+    suite.write(args.child_out)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, repeats=5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--budget-s", type=float, default=360.0, help="stop starting sections after"
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-gflops", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    apply_threads(args)
+    if args.smoke:
+        args.repeats = 1
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            args.device = "cpu"
+    if args.section:
+        return child(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; run with --smoke to check the code path on CPU")
+    began = time.perf_counter()
+    shapes = SMOKE if args.smoke else REAL
+    suite = Suite("gpu-smoke" if args.smoke else "gpu", command_line("gpu.py"), wait=False)
+    fn, gflop = W.matmul_peak_case(shapes.matmul, torch.bfloat16, args.device, repeat=10)
+    (peak,) = suite.measure(
+        Case(f"matmul peak bf16 (10 x {shapes.matmul}^3)", fn, {}, {"GFLOP": gflop}),
+        warmup=2,
+        repeats=5,
+    )
+    peak_gflops = gflop / min(peak.runs)  # the best run
+    peak.figures["GFLOP/s peak (best run)"] = peak_gflops
+    out = Path(tempfile.mkdtemp(prefix="metamorph-gpu-bench-"))
+    for section in args.sections.split(","):
+        left = args.budget_s - (time.perf_counter() - began)
+        if left < 30:
+            suite.note(f"{section}: not run, the {args.budget_s:.0f} s budget was spent")
+            continue
+        command = [sys.executable, __file__, "--section", section, "--device", args.device]
+        command += ["--peak-gflops", str(peak_gflops), "--child-out", str(out / section)]
+        command += ["--repeats", str(args.repeats)] + ["--smoke"] * args.smoke
+        command += ["--no-wait"] * args.no_wait
+        try:
+            subprocess.run(command, check=True, timeout=left)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            suite.note(f"{section}: FAILED ({type(e).__name__}: {e})")
+            continue
+        suite.merge(out / section / f"{section}.json")
+    suite.note(f"whole run: {time.perf_counter() - began:.0f} s (budget {args.budget_s:.0f} s)")
+    json_path, md_path = suite.write(results_dir(args))
+    print(f"wrote {json_path} and {md_path}")
+    print(json.dumps({"seconds": round(time.perf_counter() - began, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
