@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/metamorph demo --preset quick --out runs/demo --overwrite
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -180,6 +180,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         summary = run_ablation(args.preset, args.out, tuple(args.seeds))
         print(json.dumps(summary["conditions"], indent=2))
         return 0
+    if args.overwrite:
+        from metamorph_train.toy.demo import remove_demo_run
+
+        remove_demo_run(args.out)
     metrics = run_demo(args.preset, args.out, Options(seed=args.seed))
     for key, m in metrics.items():
         if isinstance(m, dict) and "ci95" in m:
@@ -268,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="directory for the run (must be new)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier demo run in --out (refused if --out holds anything else)",
+    )
+    d.add_argument(
         "--ablation",
         action="store_true",
         help="the paper's findings over --seeds: with/without understanding data and text facts",
@@ -285,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
-    except (MetaMorphError, ValueError, KeyError, FileNotFoundError) as e:  # bad input: a message
+    except (MetaMorphError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("METAMORPH_TRACEBACK"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -51,6 +51,13 @@ class Preset:
     reasoning_test: int
     sample_steps: int  # decoder sampling steps at evaluation
     decoder_guidance: float = 2.0  # classifier-free guidance of the decoder at evaluation
+    # the small SigLIP: patch 8 gives the 4x4 token grid directly (no reduction), and a patch's
+    # linear embedding sees most of a shape (measured: shape from the nearest scene prototype
+    # of ground-truth tokens 0.54 vs 0.41 with patch 4, width 64 and the grid reduced 8x8->4x4)
+    encoder_patch: int = 8
+    encoder_hidden: int = 128
+    encoder_lr: float = 1e-3
+    encoder_batch: int = 64
     num_tokens: int = 16
     batch_size: int = 32
     held_out: float = 0.35
@@ -59,26 +66,27 @@ class Preset:
 PRESETS = {
     "micro": Preset(
         images=512,
-        encoder_steps=200,
-        decoder_steps=40,
+        encoder_steps=150,
+        decoder_steps=20,
         decoder_channels=(16, 32),
         lm_steps=150,
         lm_hidden=64,
         lm_layers=2,
-        vpit_steps=500,
+        vpit_steps=450,
         understanding=1024,
         generation=256,
         text_repeats=1,
-        judge_steps=120,
-        vqa_test=48,
+        judge_steps=100,
+        vqa_test=96,
         generation_test=24,
         reasoning_test=24,
         sample_steps=4,
         batch_size=16,
+        encoder_batch=32,
     ),
     "quick": Preset(
         images=3000,
-        encoder_steps=400,
+        encoder_steps=800,
         decoder_steps=700,
         decoder_channels=(32, 64, 64),
         lm_steps=300,
@@ -92,11 +100,11 @@ PRESETS = {
         vqa_test=400,
         generation_test=300,
         reasoning_test=200,
-        sample_steps=20,
+        sample_steps=10,
     ),
     "full": Preset(
         images=8000,
-        encoder_steps=1200,
+        encoder_steps=2000,
         decoder_steps=3000,
         decoder_channels=(32, 64, 64),
         lm_steps=1000,
@@ -110,7 +118,7 @@ PRESETS = {
         vqa_test=600,
         generation_test=540,
         reasoning_test=300,
-        sample_steps=30,
+        sample_steps=20,
     ),
 }
 
@@ -301,8 +309,8 @@ def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int, 
                 "model": {
                     "config": {
                         "image_size": W.IMAGE_SIZE,
-                        "patch_size": 4,
-                        "hidden_size": 64,
+                        "patch_size": preset.encoder_patch,
+                        "hidden_size": preset.encoder_hidden,
                         "num_layers": 2,
                         "num_heads": 4,
                         "max_text_length": 16,
@@ -313,7 +321,13 @@ def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int, 
                 "data": {
                     "sources": [{"path": str(files["pairs"]), "image_root": str(files["images"])}]
                 },
-                "train": _train_section(out / "encoder", preset.encoder_steps, 64, 3e-3, seed),
+                "train": _train_section(
+                    out / "encoder",
+                    preset.encoder_steps,
+                    preset.encoder_batch,
+                    preset.encoder_lr,
+                    seed,
+                ),
             },
         ),
         log,
@@ -662,6 +676,31 @@ def evaluate(
 
 
 # -- the run -----------------------------------------------------------------------------------
+_RUN_ENTRIES = {
+    "data", "judge", "encoder", "cache", "decoder", "lm", "vpit", "recipes", "metrics.json",
+    "report.md", "generation.png", "reasoning.png", "understanding.png",
+}  # fmt: skip
+
+
+def remove_demo_run(out: str | Path) -> None:
+    """Delete an earlier demo run in ``out`` (``metamorph demo --overwrite``, ``make demo``).
+    Refuses a directory holding anything a demo run does not write, so nothing else is lost."""
+    import shutil
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"'{out}' is a file, not a demo run; pick another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"'{out}' holds {foreign[:5]}, which a demo run does not write; "
+            "move them away or pick another --out"
+        )
+    shutil.rmtree(out)
+
+
 def run_demo(
     preset: str | Preset = "quick",
     out: str | Path = "runs/demo",
@@ -837,4 +876,12 @@ def run_ablation(
     return summary
 
 
-__all__ = ["ABLATIONS", "PRESETS", "Options", "Preset", "run_ablation", "run_demo"]
+__all__ = [
+    "ABLATIONS",
+    "PRESETS",
+    "Options",
+    "Preset",
+    "remove_demo_run",
+    "run_ablation",
+    "run_demo",
+]
