@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import workloads as W
 from harness import Case, Suite, add_common_arguments, apply_threads, command_line, results_dir
 
 from metamorph_core import MetaMorphModel
@@ -44,25 +45,8 @@ from metamorph_core.testing import build_tiny_tokenizer
 
 PROMPT_TOKENS = 128
 NEW_TEXT_TOKENS = 64
-BACKBONE = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 512,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 2048,
-}
-TINY_BACKBONE = {  # --smoke
-    **BACKBONE,
-    "vocab_size": 1000,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-}
+BACKBONE = {"model_type": "llama", **W.MID_BACKBONE}
+TINY_BACKBONE = {"model_type": "llama", **W.TINY_BACKBONE}  # --smoke
 
 
 def build_model(tmp: Path, device: str, backbone: dict | None = None) -> MetaMorphModel:

@@ -79,15 +79,6 @@ def add_mfu(result: Result, flops: float, peak_gflops: float) -> None:
     result.figures["% MFU"] = 100 * achieved / peak_gflops
 
 
-def check_close(what: str, ours: float, theirs: float, tol: float) -> float:
-    """Relative difference of two losses; stop the run above ``tol``."""
-    diff = abs(ours - theirs) / max(abs(theirs), 1e-6)
-    if diff > tol:
-        raise SystemExit(f"{what}: losses differ ({ours:.6f} vs {theirs:.6f}, rel {diff:.1e})")
-    print(f"check {what}: {ours:.6f} vs {theirs:.6f} (rel {diff:.1e})", flush=True)
-    return diff
-
-
 def measure_peaks(suite: Suite, args: argparse.Namespace, n: int, repeat: int) -> dict[str, float]:
     """The machine's matmul peak in GFLOP/s per dtype (``repeat`` square ``n`` matmuls a
     run)."""
@@ -131,7 +122,7 @@ def llava_comparison(
     for label, bf16 in DTYPES.items():
         with torch.no_grad(), W.autocast(args.device, bf16):
             ours, theirs = W.vpit_loss(objective, batch)(), W.llava_loss(llava, lbatch)()
-        diffs[label] = check_close(
+        diffs[label] = W.check_close(
             f"LLaVA {label}", ours.item(), theirs.item(), 1e-5 if not bf16 else 2e-2
         )
     flops = W.step_flops(model, batch)
@@ -186,7 +177,7 @@ def generation_step(
         a = objective.loss_sums(model, live)
         b = objective.loss_sums(model, cache)
     for term, x, y in zip(objective.terms, a, b, strict=True):
-        check_close(f"feature cache, {term} loss", x.item(), y.item(), 1e-5)
+        W.check_close(f"feature cache, {term} loss", x.item(), y.item(), 1e-5)
     tokens = {"tokens": float(sum(W.sample_lengths(live)))}
     cfg = {"batch": BATCH, "sequence": SEQUENCE, "target_images": BATCH}
     flops_live = W.step_flops(model, live)
@@ -225,7 +216,7 @@ def packing(suite: Suite, model: Any, args: argparse.Namespace, peaks: dict[str,
         a = padded_obj.loss_sums(model, padded)
         b = packed_obj.loss_sums(model, packed)
     for term, x, y in zip(padded_obj.terms, a, b, strict=True):
-        check_close(f"packing, {term} loss sum", x.item(), y.item(), 1e-4)
+        W.check_close(f"packing, {term} loss sum", x.item(), y.item(), 1e-4)
     real = float(sum(SKEWED))
     cfg = {"samples": len(SKEWED), "lengths": SKEWED, "dtype": "fp32"}
     flops = W.step_flops(model, padded)  # model FLOPs count real tokens only: same for both

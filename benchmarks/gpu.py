@@ -98,14 +98,6 @@ def record_memory(
     suite.record(name, {**figures, **W.state_mib(model, step.optimizer)}, config)
 
 
-def loss_check(what: str, a: float, b: float, tol: float) -> float:
-    diff = abs(a - b) / max(abs(b), 1e-6)
-    if diff > tol:
-        raise SystemExit(f"{what}: {a:.6f} vs {b:.6f} (rel {diff:.1e} > {tol})")
-    print(f"check {what}: {a:.6f} vs {b:.6f} (rel {diff:.1e})", flush=True)
-    return diff
-
-
 # -- sections (each runs in a process of its own) --------------------------------------------
 def train_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
     model = W.build_random_model(tmp, s.small, s.encoder, args.device)
@@ -122,7 +114,7 @@ def train_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> No
             objective.loss_sums(model, cache),
             strict=True,
         ):
-            loss_check(f"feature cache, {term}", a.item(), b.item(), 1e-4)
+            W.check_close(f"feature cache, {term}", a.item(), b.item(), 1e-4)
     cfg = {"backbone": "1B", "batch": s.batch, "sequence": s.sequence, "dtype": "bf16 autocast"}
     tokens = {"tokens": float(sum(W.sample_lengths(live)))}
     step_live = W.Step(W.vpit_loss(objective, live), params, args.device, bf16=True)
@@ -152,7 +144,7 @@ def llava_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> No
     model.train()
     llava.train()
     with torch.no_grad():
-        diff = loss_check(
+        diff = W.check_close(
             "LLaVA fp32",
             W.vpit_loss(objective, batch)().item(),
             W.llava_loss(llava, lbatch)().item(),

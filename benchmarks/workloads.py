@@ -486,3 +486,12 @@ def matmul_peak_case(
             torch.matmul(a, b, out=out)
 
     return run, repeat * 2 * n**3 / 1e9
+
+
+def check_close(what: str, ours: float, theirs: float, tol: float) -> float:
+    """Relative difference of two losses; stop the run above ``tol``."""
+    diff = abs(ours - theirs) / max(abs(theirs), 1e-6)
+    if diff > tol:
+        raise SystemExit(f"{what}: losses differ ({ours:.6f} vs {theirs:.6f}, rel {diff:.1e})")
+    print(f"check {what}: {ours:.6f} vs {theirs:.6f} (rel {diff:.1e})", flush=True)
+    return diff
