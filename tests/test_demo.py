@@ -63,3 +63,5 @@ def test_overwrite_replaces_only_a_demo_run(tmp_path, capsys):
     assert "pick a new --out" in capsys.readouterr().err
     assert cli(["demo", "--preset", "micro", "--out", str(mine), "--overwrite"]) == 2
     assert "notes.txt" in capsys.readouterr().err and (mine / "notes.txt").exists()
+    assert cli(["demo", "--ablation", "--overwrite", "--out", str(mine)]) == 2
+    assert "--ablation" in capsys.readouterr().err

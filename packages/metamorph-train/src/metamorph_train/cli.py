@@ -177,6 +177,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from metamorph_train.toy.demo import Options, run_ablation, run_demo
 
     if args.ablation:
+        if args.overwrite:
+            raise ValueError(
+                "--overwrite replaces a single demo run; for --ablation pick a new --out"
+            )
         summary = run_ablation(args.preset, args.out, tuple(args.seeds))
         print(json.dumps(summary["conditions"], indent=2))
         return 0
