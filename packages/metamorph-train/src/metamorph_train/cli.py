@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole method on the built-in toy world, offline: train every stage, evaluate",
     )
     d.add_argument("--preset", default="quick", choices=["micro", "quick", "full"])
-    d.add_argument("--out", default="runs/demo", help="directory for the run (must be new)")
+    d.add_argument(
+        "--out", default="runs/demo", help="directory for the run (must be new, or see --overwrite)"
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
         "--overwrite",
