@@ -8,21 +8,14 @@ from conftest import generation, text_only, understanding
 
 from metamorph_core import MetaMorphModel, create
 from metamorph_core.testing import tiny_model_config
+from metamorph_decoders.testing import tiny_unet_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-UNET = {
-    "sample_size": 16,
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 1,
-    "block_out_channels": (16, 32),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-}
+UNET = tiny_unet_config(  # cross-attention at the lower level
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -24,6 +24,7 @@ from metamorph_core.generation import (
 )
 from metamorph_core.generation.detokenize import IncrementalText
 from metamorph_core.testing import build_tiny_tokenizer, tiny_model_config
+from metamorph_decoders.testing import tiny_unet_config
 
 RED = "generate an image of a red square"
 BLUE = "a blue circle"
@@ -340,18 +341,7 @@ def tiny_decoder(model: MetaMorphModel):
         "sd-unet",
         token_dim=model.encoder.hidden_size,
         num_tokens=model.num_image_tokens,
-        unet_config={
-            "sample_size": 16,
-            "in_channels": 3,
-            "out_channels": 3,
-            "layers_per_block": 1,
-            "block_out_channels": (16, 32),
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 8,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        },
+        unet_config=tiny_unet_config(),
         adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
         context_length=8,
         seed=0,

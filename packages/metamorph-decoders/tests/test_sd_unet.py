@@ -13,19 +13,9 @@ from metamorph_core import MetaMorphModel, create
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.testing import save_tiny_backbone, tiny_model_config
 from metamorph_decoders.loading import plan_weight_load
+from metamorph_decoders.testing import tiny_unet_config
 
-UNET = {
-    "sample_size": 16,
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 1,
-    "block_out_channels": (16, 32),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-}
+UNET = tiny_unet_config()
 VAE = {
     "in_channels": 3,
     "out_channels": 3,

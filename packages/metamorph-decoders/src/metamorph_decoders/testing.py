@@ -1,0 +1,25 @@
+"""Helpers for tests of code that needs a visual decoder: a tiny pixel-space UNet config that
+builds and runs in milliseconds on a CPU (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config for 16x16 RGB images, cross-attention dimension 32,
+    cross-attention at the full-resolution level; ``overrides`` replace any key (e.g. the
+    block types, to put cross-attention at the lower level instead)."""
+    return {
+        "sample_size": 16,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        **overrides,
+    }
