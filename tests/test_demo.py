@@ -33,6 +33,16 @@ def test_micro_demo_runs_every_stage_and_learns(tmp_path):
         m = metrics[key]
         assert 0.0 <= m["value"] <= 1.0 and m["n"] > 0 and 0.0 < m["chance"] < 1.0, key
         assert m["ci95"][0] <= m["value"] <= m["ci95"][1], key
+    for key in (
+        "generation_accuracy",
+        "reasoning_generation_accuracy",
+        "decoder_reconstruction_accuracy",
+    ):
+        per = metrics[key]["per_attribute"]
+        assert set(per) == {"shape", "colour", "size", "position"}, key
+        assert all(0.0 <= v <= 1.0 for v in per.values()) and min(per.values()) >= (
+            metrics[key]["value"] - 1e-9
+        ), key  # all right implies each right
     cos = metrics["visual_token_cosine"]
     assert -1.0 <= cos["value"] <= 1.0 and -1.0 <= cos["mean_token_baseline"] <= 1.0
     understanding = metrics["understanding_accuracy"]  # measured 0.53 (CI 0.43-0.63)

@@ -8,6 +8,15 @@ or ``learned``), and the sampler's unconditional branch uses the same null conte
 ``latent`` mode runs in an ``AutoencoderKL``'s latent space (scaled by the VAE's
 ``scaling_factor``, as SD does); ``pixel`` mode denoises pixels directly (small images).
 
+``spatial_channels`` (off by default; not in the paper) adds a second, local path for the same
+tokens: when they form a square grid (an encoder's patch grid), a linear map of each token to
+``spatial_channels`` channels is laid over its patch's area of the UNet's sample (nearest
+upsampling) and concatenated to the UNet's input, as InstructPix2Pix conditions on an image.
+Every position then sees its own patch's token, which a small UNet with cross-attention only at
+its lowest resolution learns slowly. Conditioning dropout and the unconditional branch zero this
+map with the context. (Measured on the toy world: a per-pixel linear "unpatchify" of each token,
+MAE-style, was worse than this at equal steps.)
+
 Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent mode),
 ``scheduler/``, ``adapter.safetensors`` and ``config.json`` (the decoder's settings).
 """
@@ -68,6 +77,7 @@ class DiffusionDecoder(VisualDecoder):
         cond_dropout: float | None = None,
         null_conditioning: str | None = None,
         reshape_cross_attention: bool = False,
+        spatial_channels: int | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
     ) -> None:
@@ -96,6 +106,7 @@ class DiffusionDecoder(VisualDecoder):
             "context_length": context_length,
             "null_conditioning": null_conditioning,
             "prediction_type": _prediction_type(prediction_type) if prediction_type else None,
+            "spatial_channels": spatial_channels,
         }
         conf = _resolve(given, saved, root)
         if conf["token_dim"] is None or conf["num_tokens"] is None:
@@ -112,6 +123,10 @@ class DiffusionDecoder(VisualDecoder):
         self.context_length = int(conf["context_length"])
         self.prediction_type = conf["prediction_type"]
         self.cond_dropout, self.null_conditioning = cond_dropout, conf["null_conditioning"]
+        self.spatial_channels = int(conf["spatial_channels"])
+        if self.spatial_channels < 0:
+            raise ValueError(f"spatial_channels must be >= 0, got {self.spatial_channels}")
+        self._grid = _token_grid(self.num_tokens) if self.spatial_channels else 0
 
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -135,6 +150,10 @@ class DiffusionDecoder(VisualDecoder):
                 )
             else:
                 self.unet = UNet2DConditionModel.from_config(unet_cfg)
+            self.spatial = None
+            if self.spatial_channels:
+                self._factor = _patch_factor(int(unet_cfg["sample_size"]), self._grid)
+                self.spatial = torch.nn.Linear(self.token_dim, self.spatial_channels, bias=False)
             if self.null_conditioning == "learned":
                 rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
                 self.null_context = torch.nn.Parameter(torch.zeros(rows, self.adapter.out_dim))
@@ -142,6 +161,8 @@ class DiffusionDecoder(VisualDecoder):
                 self._load_adapter(root / "adapter.safetensors")
         self.unet = _cast(self.unet, torch_dtype)
         self.adapter.to(torch_dtype)
+        if self.spatial is not None:
+            self.spatial.to(torch_dtype)
 
         if mode is None:
             has_vae = vae_config is not None or (root is not None and (root / "vae").is_dir())
@@ -170,12 +191,14 @@ class DiffusionDecoder(VisualDecoder):
         self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
         self.noise_scheduler = make_scheduler("ddpm", self.scheduler_config, self.prediction_type)
         channels = self.unet.config.in_channels
-        want = self.vae.config.latent_channels if self.vae is not None else 3
+        self.sample_channels = self.vae.config.latent_channels if self.vae is not None else 3
+        want = self.sample_channels + self.spatial_channels
         if channels != want:
+            extra = f" + {self.spatial_channels} spatial_channels" if self.spatial_channels else ""
             raise ValueError(
                 f"{mode} mode needs a UNet with {want} input channels "
-                f"({'the VAE latent channels' if self.vae is not None else 'RGB'}), this one has "
-                f"{channels}"
+                f"({'the VAE latent channels' if self.vae is not None else 'RGB'}{extra}), this "
+                f"one has {channels}"
             )
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         side = int(self.unet.config.sample_size) * factor
@@ -215,6 +238,12 @@ class DiffusionDecoder(VisualDecoder):
     def _load_adapter(self, path: Path) -> None:
         state = load_file(str(path))
         null = state.pop("null_context", None)
+        spatial = state.pop("spatial.weight", None)
+        if (spatial is not None) != (self.spatial is not None):
+            raise CheckpointError(
+                f"{path}: spatial conditioning weights present={spatial is not None} but "
+                f"spatial_channels={self.spatial_channels}"
+            )
         if (null is not None) != (self.null_conditioning == "learned"):
             raise CheckpointError(
                 f"{path}: learned null context present={null is not None} but "
@@ -224,6 +253,8 @@ class DiffusionDecoder(VisualDecoder):
             self.adapter.load_state_dict(state)
             if null is not None:
                 self.null_context.data.copy_(null)
+            if spatial is not None:
+                self.spatial.load_state_dict({"weight": spatial})
         except RuntimeError as e:
             raise CheckpointError(
                 f"{path}: the saved adapter does not fit adapter {self.adapter_spec} with "
@@ -243,6 +274,25 @@ class DiffusionDecoder(VisualDecoder):
         out = self.adapter(tokens.to(param.device, param.dtype))
         pad = self.context_length - out.shape[1]
         return F.pad(out, (0, 0, 0, pad)) if pad > 0 else out
+
+    def spatial_map(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``(b, n, c)`` tokens -> ``(b, spatial_channels, s, s)`` at the UNet's sample size (each
+        token's linear map laid over its patch's area), or ``None`` without spatial
+        conditioning."""
+        if self.spatial is None:
+            return None
+        if tokens.shape[1] != self.num_tokens:
+            raise ValueError(
+                f"spatial conditioning needs the {self.num_tokens} tokens of a "
+                f"{self._grid}x{self._grid} grid, got {tokens.shape[1]}"
+            )
+        weight = self.spatial.weight
+        grid = self.spatial(tokens.to(weight.device, weight.dtype))  # (b, n, k)
+        grid = grid.transpose(1, 2).reshape(tokens.shape[0], -1, self._grid, self._grid)
+        return grid.repeat_interleave(self._factor, 2).repeat_interleave(self._factor, 3)
+
+    def _unet_input(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+        return x if spatial is None else torch.cat([x, spatial.to(x.dtype)], dim=1)
 
     def null(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """The null context: used by conditioning dropout *and* the unconditional branch."""
@@ -289,11 +339,15 @@ class DiffusionDecoder(VisualDecoder):
         else:
             target = x0
         ctx = self.context(tokens)
+        spatial = self.spatial_map(tokens)
         if self.training and self.cond_dropout > 0:
             drop = torch.rand(b, generator=generator, device=draw).to(device) < self.cond_dropout
             ctx = torch.where(drop[:, None, None], self.null(b, ctx), ctx)
+            if spatial is not None:
+                spatial = spatial.masked_fill(drop[:, None, None, None], 0.0)
         dtype = self.unet.dtype
-        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
+        inp = self._unet_input(noisy.to(dtype), spatial)
+        pred = self.unet(inp, t, encoder_hidden_states=ctx.to(dtype)).sample
         return F.mse_loss(pred.float(), target)
 
     def training_step(
@@ -344,7 +398,10 @@ class DiffusionDecoder(VisualDecoder):
         b = cond.shape[0]
         guided = guidance_scale != 1.0
         ctx = torch.cat([self.null(b, cond), cond]) if guided else cond
-        c = self.unet.config.in_channels
+        spatial = self.spatial_map(tokens)
+        if spatial is not None and guided:
+            spatial = torch.cat([torch.zeros_like(spatial), spatial])
+        c = self.sample_channels
         s = int(self.unet.config.sample_size)
         draw = generator.device if generator is not None else "cpu"
         x = torch.randn((b, c, s, s), generator=generator, device=draw).to(device)  # float32
@@ -357,7 +414,8 @@ class DiffusionDecoder(VisualDecoder):
         )
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            pred = self.unet(inp.to(self.unet.dtype), t, encoder_hidden_states=ctx).sample.float()
+            inp = self._unet_input(inp.to(self.unet.dtype), spatial)
+            pred = self.unet(inp, t, encoder_hidden_states=ctx).sample.float()
             if guided:
                 uncond, cond_pred = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond_pred - uncond)
@@ -384,6 +442,7 @@ class DiffusionDecoder(VisualDecoder):
             "prediction_type": self.prediction_type,
             "cond_dropout": self.cond_dropout,
             "null_conditioning": self.null_conditioning,
+            "spatial_channels": self.spatial_channels,
             "dtype": dtype_name(self.unet.dtype),
         }
 
@@ -402,6 +461,8 @@ class DiffusionDecoder(VisualDecoder):
         tensors = {k: v.contiguous() for k, v in self.adapter.state_dict().items()}
         if self.null_conditioning == "learned":
             tensors["null_context"] = self.null_context.detach().contiguous()
+        if self.spatial is not None:
+            tensors["spatial.weight"] = self.spatial.weight.detach().contiguous()
         save_file(tensors, str(path / "adapter.safetensors"))
         write_json(
             path / "config.json", {"format": FORMAT, **self.settings(), "weights": sorted(tensors)}
@@ -426,6 +487,7 @@ _DEFAULTS = {
     "prediction_type": "epsilon",
     "token_dim": None,
     "num_tokens": None,
+    "spatial_channels": 0,
 }
 
 
@@ -446,6 +508,25 @@ def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) ->
             )
         out[key] = value if value is not None else stored if stored is not None else default
     return out
+
+
+def _token_grid(num_tokens: int) -> int:
+    side = round(num_tokens**0.5)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"spatial_channels needs a square grid of tokens, but num_tokens={num_tokens}; use "
+            "spatial_channels=0 (cross-attention only) for tokens that are not a patch grid"
+        )
+    return side
+
+
+def _patch_factor(sample_size: int, grid: int) -> int:
+    if sample_size % grid:
+        raise ValueError(
+            f"spatial_channels needs the UNet's sample_size ({sample_size}) to be a multiple of "
+            f"the token grid's side ({grid})"
+        )
+    return sample_size // grid
 
 
 def _to_pil(images: torch.Tensor) -> list[Any]:

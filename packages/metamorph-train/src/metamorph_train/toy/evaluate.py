@@ -124,6 +124,16 @@ class Evaluator:
         preds = self.judge.predict(pixels)
         return sum(correct(p, s) for p, s in zip(preds, scenes, strict=True)), preds
 
+    @staticmethod
+    def per_attribute(preds: list[dict[str, str]], scenes: list[W.Scene]) -> dict[str, float]:
+        """The share of images the judge found right in each attribute alone (diagnostic)."""
+        from metamorph_train.toy.judge import correct
+
+        return {
+            a: float(np.mean([correct(p, s, (a,)) for p, s in zip(preds, scenes, strict=True)]))
+            for a in W.ATTRIBUTES
+        }
+
     def token_scores(self, tokens: Any, scenes: list[W.Scene]) -> dict[str, Any]:
         import torch
 
@@ -160,14 +170,12 @@ def evaluate(
         splits.test_generation[k % len(splits.test_generation)]
         for k in range(preset.generation_test)
     ]
-    prompts = [
-        W.GENERATION_TEMPLATES[k % len(W.GENERATION_TEMPLATES)].format(caption=s.caption())
-        for k, s in enumerate(test)
-    ]
+    prompts = [W.generation_prompt(s, k) for k, s in enumerate(test)]
     tokens = ev.generate(prompts)
     pixels = ev.decode(tokens)
     hits, preds = ev.judged(pixels, test)
     metrics["generation_accuracy"] = _metric(hits, len(test), chance_all)
+    metrics["generation_accuracy"]["per_attribute"] = ev.per_attribute(preds, test)
     scores = ev.token_scores(tokens, test)
     metrics["token_nearest_neighbour_accuracy"] = scores["nn"]
     metrics["visual_token_cosine"] = scores["cosine"]
@@ -179,11 +187,15 @@ def evaluate(
     r_pixels = ev.decode(ev.generate(r_prompts))
     r_hits, r_preds = ev.judged(r_pixels, reasoning)
     metrics["reasoning_generation_accuracy"] = _metric(r_hits, len(reasoning), chance_all)
+    metrics["reasoning_generation_accuracy"]["per_attribute"] = ev.per_attribute(r_preds, reasoning)
 
     renders = [W.render(s, ev.rng) for s in test]
     truth_tokens = ev.encode(renders)
-    recon_hits, _ = ev.judged(ev.decode(truth_tokens), test)
+    recon_hits, recon_preds = ev.judged(ev.decode(truth_tokens), test)
     metrics["decoder_reconstruction_accuracy"] = _metric(recon_hits, len(test), chance_all)
+    metrics["decoder_reconstruction_accuracy"]["per_attribute"] = ev.per_attribute(
+        recon_preds, test
+    )
     # negative control: tokens shuffled across images and positions, decoded, judged against
     # the scene the unshuffled tokens showed; a sound judge and decoder score ~chance
     g = torch.Generator().manual_seed(options.seed)
@@ -235,6 +247,18 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
     lines.append(
         f"| visual_token_cosine | {cos['value']:.3f} | | mean token: {cos['mean_token_baseline']:.3f} | {cos['n']} |"
     )
+    per = {
+        k: m["per_attribute"]
+        for k, m in metrics.items()
+        if isinstance(m, dict) and "per_attribute" in m
+    }
+    if per:
+        lines += ["", "Judged right in each attribute alone:", ""]
+        lines += ["| metric | " + " | ".join(W.ATTRIBUTES) + " |", "|---" * 5 + "|"]
+        lines += [
+            f"| {k} | " + " | ".join(f"{v[a]:.3f}" for a in W.ATTRIBUTES) + " |"
+            for k, v in per.items()
+        ]
     lines += [
         "",
         "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()),

@@ -75,9 +75,16 @@ class Scene:
     size: str
     position: str
 
+    def where(self) -> str:
+        return "in the centre" if self.position == "centre" else f"at the {self.position}"
+
     def caption(self) -> str:
-        where = "in the centre" if self.position == "centre" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.shape} {where}"
+        return f"a {self.size} {self.colour} {self.shape} {self.where()}"
+
+    def framed_caption(self) -> str:
+        """The caption in the frame of the reasoning prompts, with plain attribute words: "a
+        large triangle in the colour green at the top"."""
+        return f"a {self.size} {self.shape} in the colour {self.colour} {self.where()}"
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -146,8 +153,18 @@ GENERATION_TEMPLATES = (
     "Generate an image of {caption}.",
     "Draw {caption}.",
     "Show me a picture of {caption}.",
+    "Generate an image of {framed}.",
 )
 ANSWER_PREFIX = "Here is an image based on your request: "
+
+
+def generation_prompt(scene: Scene, k: int) -> str:
+    """The ``k``-th phrasing (cyclic) of a request for ``scene``, plain attribute words only.
+    The last phrasing puts them in the reasoning prompts' frame ("... in the colour green
+    ..."), so that a reasoning prompt differs from a trained request only by its concepts,
+    which reach the model through text alone (a pretrained LLM brings such fluency with it)."""
+    template = GENERATION_TEMPLATES[k % len(GENERATION_TEMPLATES)]
+    return template.format(caption=scene.caption(), framed=scene.framed_caption())
 
 
 def answer(scene: Scene, attribute: str) -> str:
@@ -190,8 +207,7 @@ def facts() -> list[str]:
 def reasoning_prompt(scene: Scene, rng: np.random.Generator) -> str:
     colour = COLOUR_CONCEPTS[scene.colour][int(rng.integers(2))]
     shape = SHAPE_CONCEPTS[scene.shape][int(rng.integers(2))]
-    where = "in the centre" if scene.position == "centre" else f"at the {scene.position}"
-    return f"Generate an image of a {scene.size} {shape} in the colour of {colour} {where}."
+    return f"Generate an image of a {scene.size} {shape} in the colour of {colour} {scene.where()}."
 
 
 # -- splits ----------------------------------------------------------------------------------

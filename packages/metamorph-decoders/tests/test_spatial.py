@@ -1,0 +1,123 @@
+"""``sd-unet``'s spatial conditioning: each token of a square grid laid over its own patch of
+the UNet's input (concatenated channels), dropped together with the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamorph_core import create
+from metamorph_core.errors import CheckpointError
+from metamorph_decoders.testing import tiny_unet_config
+
+K = 4  # spatial channels
+
+
+def spatial_decoder(**kw):
+    unet = tiny_unet_config(in_channels=3 + K)
+    return create(
+        "decoder",
+        "sd-unet",
+        unet_config=unet,
+        token_dim=24,
+        num_tokens=4,  # a 2x2 grid over the 16x16 sample: 8x8 pixels a token
+        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
+        spatial_channels=K,
+        scheduler_config={"num_train_timesteps": 100, "clip_sample": False},
+        seed=0,
+        **kw,
+    )
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 4, 24, generator=g), torch.rand(4, 3, 16, 16, generator=g)
+
+
+def _record_inputs(dec, seen: list):
+    return dec.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0].clone()), with_kwargs=True
+    )
+
+
+def test_each_token_covers_its_own_patch_row_major():
+    dec = spatial_decoder()
+    tokens, _ = data()
+    grid = dec.spatial_map(tokens)
+    assert grid.shape == (4, K, 16, 16)
+    proj = tokens @ dec.spatial.weight.T  # (b, n, K)
+    for n, (rows, cols) in enumerate(
+        [(slice(0, 8), slice(0, 8)), (slice(0, 8), slice(8, 16))]
+        + [(slice(8, 16), slice(0, 8)), (slice(8, 16), slice(8, 16))]
+    ):
+        patch = grid[:, :, rows, cols]
+        assert torch.allclose(patch, proj[:, n, :, None, None].expand_as(patch))
+    changed = tokens.clone()
+    changed[:, 3] += 1.0  # the bottom-right token moves only the bottom-right patch
+    diff = (dec.spatial_map(changed) - grid).abs().sum(dim=(0, 1))
+    assert diff[8:, 8:].min() > 0 and diff[:8].max() == 0 and diff[:, :8].max() == 0
+
+
+def test_unet_sees_the_map_and_dropout_and_guidance_zero_it():
+    dec = spatial_decoder(cond_dropout=1.0)
+    tokens, pixels = data()
+    seen = []
+    hook = _record_inputs(dec, seen)
+    dec.train()
+    dec.loss(tokens, pixels)  # every sample dropped
+    dec.eval()
+    dec.loss(tokens, pixels)  # no dropout in eval
+    dec.decode(tokens, steps=1, guidance_scale=3.0, seed=0)  # [uncond, cond]
+    hook.remove()
+    dropped, kept, guided = seen
+    assert dropped.shape == (4, 3 + K, 16, 16)
+    assert not dropped[:, 3:].any()
+    assert torch.allclose(kept[:, 3:], dec.spatial_map(tokens))
+    assert not guided[:4, 3:].any()
+    assert torch.allclose(guided[4:, 3:], dec.spatial_map(tokens))
+
+
+def test_trains_saves_and_reloads(tmp_path):
+    dec = spatial_decoder(cond_dropout=0.2)
+    tokens, pixels = data()
+
+    def loss():
+        with torch.no_grad():
+            return dec.eval().loss(tokens, pixels, generator=torch.Generator().manual_seed(1))
+
+    before = loss().item()
+    opt = torch.optim.AdamW(dec.parameters(), lr=2e-3)
+    start = dec.spatial.weight.detach().clone()
+    torch.manual_seed(0)
+    for _ in range(40):
+        dec.training_step(tokens, pixels, opt)
+    assert loss().item() < 0.8 * before
+    assert not torch.equal(dec.spatial.weight, start)  # the projection is trained too
+    dec.save_pretrained(tmp_path / "dec")
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.settings() == dec.settings() and again.spatial_channels == K
+    assert torch.equal(again.spatial.weight, dec.spatial.weight)
+    assert torch.equal(dec.decode(tokens, steps=2, seed=3), again.decode(tokens, steps=2, seed=3))
+    with pytest.raises(CheckpointError, match="spatial_channels=4 but spatial_channels=0"):
+        create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), spatial_channels=0)
+
+
+@pytest.mark.parametrize(
+    "in_channels, num_tokens, spatial, message",
+    [
+        (3 + K, 5, K, "square grid of tokens, but num_tokens=5"),
+        (3 + K, 9, K, "multiple of the token grid's side"),
+        (3, 4, K, r"7 input channels \(RGB \+ 4 spatial_channels\)"),
+        (3, 4, -1, "spatial_channels must be >= 0"),
+    ],
+)
+def test_bad_settings_are_named(in_channels, num_tokens, spatial, message):
+    with pytest.raises(ValueError, match=message):
+        create(
+            "decoder",
+            "sd-unet",
+            unet_config=tiny_unet_config(in_channels=in_channels),
+            token_dim=24,
+            num_tokens=num_tokens,
+            spatial_channels=spatial,
+        )

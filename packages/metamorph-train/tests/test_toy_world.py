@@ -1,0 +1,60 @@
+"""The toy world's data keeps every test item out of training (issue #7's rules)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from metamorph_train.toy import demo as D
+from metamorph_train.toy import world as W
+
+CONCEPTS = [c for cs in W.COLOUR_CONCEPTS.values() for c in cs] + [
+    p for ps in W.SHAPE_CONCEPTS.values() for p in ps
+]
+SMALL = D.Preset(**{**D.PRESETS["micro"].__dict__, "images": 64, "understanding": 128})
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def texts(row):
+    return [row.get("caption", "")] + [t["value"] for t in row.get("conversations", [])]
+
+
+@pytest.mark.parametrize("facts", [True, False])
+def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts):
+    world = D.write_world(tmp_path, SMALL, D.Options(seed=3, text_facts=facts))
+    files, splits = world["files"], world["splits"]
+    with_images = [r for n in ("pairs", "understanding", "generation") for r in rows(files[n])]
+    assert with_images and all("image" in r for r in with_images)
+    for r in with_images:
+        for t in texts(r):
+            assert not [c for c in CONCEPTS if c in t], (r, t)
+    text_only = rows(files["text"]) + rows(files["lm_text"])
+    mentions = [
+        c for r in text_only for t in texts(r) + [r.get("text", "")] for c in CONCEPTS if c in t
+    ]
+    assert (set(mentions) == set(CONCEPTS)) if facts else not mentions
+    prompts = [r["conversations"][0]["value"] for r in rows(files["generation"])]
+    for s in splits.test_generation:
+        for k in range(len(W.GENERATION_TEMPLATES)):  # every phrasing of a held-out request
+            assert W.generation_prompt(s, k) not in prompts
+    trained = {
+        p for s in splits.train_generation for k in range(4) for p in [W.generation_prompt(s, k)]
+    }
+    assert set(prompts) <= trained
+
+
+def test_reasoning_prompts_differ_from_requests_only_by_concepts():
+    rng = np.random.default_rng(0)
+    s = W.Scene("triangle", "green", "large", "top")
+    prompt = W.reasoning_prompt(s, rng)
+    framed = W.generation_prompt(s, len(W.GENERATION_TEMPLATES) - 1)
+    assert framed == "Generate an image of a large triangle in the colour green at the top."
+    colour = next(c for c in W.COLOUR_CONCEPTS["green"] if c in prompt)
+    shape = next(p for p in W.SHAPE_CONCEPTS["triangle"] if p in prompt)
+    plain = prompt.replace(f"of {colour}", "green").replace(shape, "triangle")
+    assert plain == framed
