@@ -11,7 +11,7 @@ or ``learned``), and the sampler's unconditional branch uses the same null conte
 ``spatial_channels`` (off by default; not in the paper) adds a second, local path for the same
 tokens: when they form a square grid (an encoder's patch grid), a linear map of each token to
 ``spatial_channels`` channels is laid over its patch's area of the UNet's sample (nearest
-upsampling) and concatenated to the UNet's input, as InstructPix2Pix conditions on an image.
+upsampling; the sample size need not be a multiple of the grid) and concatenated to the UNet's input, as InstructPix2Pix conditions on an image.
 Every position then sees its own patch's token, which a small UNet with cross-attention only at
 its lowest resolution learns slowly. Conditioning dropout and the unconditional branch zero this
 map with the context. (Measured on the toy world: a per-pixel linear "unpatchify" of each token,
@@ -152,7 +152,6 @@ class DiffusionDecoder(VisualDecoder):
                 self.unet = UNet2DConditionModel.from_config(unet_cfg)
             self.spatial = None
             if self.spatial_channels:
-                self._factor = _patch_factor(int(unet_cfg["sample_size"]), self._grid)
                 self.spatial = torch.nn.Linear(self.token_dim, self.spatial_channels, bias=False)
             if self.null_conditioning == "learned":
                 rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
@@ -289,7 +288,8 @@ class DiffusionDecoder(VisualDecoder):
         weight = self.spatial.weight
         grid = self.spatial(tokens.to(weight.device, weight.dtype))  # (b, n, k)
         grid = grid.transpose(1, 2).reshape(tokens.shape[0], -1, self._grid, self._grid)
-        return grid.repeat_interleave(self._factor, 2).repeat_interleave(self._factor, 3)
+        side = int(self.unet.config.sample_size)
+        return F.interpolate(grid, size=(side, side), mode="nearest")
 
     def _unet_input(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
         return x if spatial is None else torch.cat([x, spatial.to(x.dtype)], dim=1)
@@ -518,15 +518,6 @@ def _token_grid(num_tokens: int) -> int:
             "spatial_channels=0 (cross-attention only) for tokens that are not a patch grid"
         )
     return side
-
-
-def _patch_factor(sample_size: int, grid: int) -> int:
-    if sample_size % grid:
-        raise ValueError(
-            f"spatial_channels needs the UNet's sample_size ({sample_size}) to be a multiple of "
-            f"the token grid's side ({grid})"
-        )
-    return sample_size // grid
 
 
 def _to_pil(images: torch.Tensor) -> list[Any]:
