@@ -139,3 +139,33 @@ def test_bad_settings_are_named(in_channels, num_tokens, spatial, message):
             num_tokens=num_tokens,
             spatial_channels=spatial,
         )
+
+
+def test_a_pretrained_unet_is_widened_with_zero_weights(tmp_path, caplog):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**tiny_unet_config())
+    base.save_pretrained(tmp_path / "sd" / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "sd" / "scheduler")
+    with caplog.at_level("WARNING", logger="metamorph"):
+        dec = create(
+            "decoder",
+            "sd-unet",
+            pretrained=str(tmp_path / "sd"),
+            token_dim=24,
+            num_tokens=4,
+            adapter={"name": "mlp", "kwargs": {"hidden_dims": [48], "out_dim": 32}},
+            spatial_channels=K,
+        )
+    assert "conv_in widened 3 -> 7" in caplog.text
+    assert dec.unet.config.in_channels == 3 + K
+    x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 32)
+    spatial = dec.spatial_map(torch.randn(2, 4, 24))
+    with torch.no_grad():  # the new channels enter with zero weights: the same function
+        widened = dec.unet(torch.cat([x, spatial], 1), 5, encoder_hidden_states=ctx).sample
+        assert torch.allclose(widened, base(x, 5, encoder_hidden_states=ctx).sample, atol=1e-6)
+    dec.save_pretrained(tmp_path / "dec")  # saved widened: reloads without widening again
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.unet.config.in_channels == 3 + K
+    assert torch.equal(again.unet.conv_in.weight, dec.unet.conv_in.weight)

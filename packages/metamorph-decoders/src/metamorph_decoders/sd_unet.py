@@ -11,11 +11,13 @@ or ``learned``), and the sampler's unconditional branch uses the same null conte
 ``spatial_channels`` (off by default; not in the paper) adds a second, local path for the same
 tokens: when they form a square grid (an encoder's patch grid), a linear map of each token to
 ``spatial_channels`` channels is laid over its patch's area of the UNet's sample (nearest
-upsampling; the sample size need not be a multiple of the grid) and concatenated to the UNet's input, as InstructPix2Pix conditions on an image.
-Every position then sees its own patch's token, which a small UNet with cross-attention only at
-its lowest resolution learns slowly. Conditioning dropout and the unconditional branch zero this
-map with the context. (Measured on the toy world: a per-pixel linear "unpatchify" of each token,
-MAE-style, was worse than this at equal steps.)
+upsampling; the sample size need not be a multiple of the grid) and concatenated to the UNet's
+input, as InstructPix2Pix conditions on an image. Every position then sees its own patch's
+token, which a small UNet with cross-attention only at its lowest resolution learns slowly.
+Conditioning dropout and the unconditional branch zero this map with the context. A pretrained
+UNet without those input channels gets them as InstructPix2Pix does: ``conv_in`` widened with
+zero weights, so it starts out computing exactly what it did (logged). (Measured on the toy
+world: a per-pixel linear "unpatchify" of each token, MAE-style, was worse at equal steps.)
 
 Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent mode),
 ``scheduler/``, ``adapter.safetensors`` and ``config.json`` (the decoder's settings).
@@ -192,6 +194,9 @@ class DiffusionDecoder(VisualDecoder):
         channels = self.unet.config.in_channels
         self.sample_channels = self.vae.config.latent_channels if self.vae is not None else 3
         want = self.sample_channels + self.spatial_channels
+        if root is not None and self.spatial_channels and channels == self.sample_channels:
+            _widen_conv_in(self.unet, want)
+            channels = want
         if channels != want:
             extra = f" + {self.spatial_channels} spatial_channels" if self.spatial_channels else ""
             raise ValueError(
@@ -508,6 +513,32 @@ def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) ->
             )
         out[key] = value if value is not None else stored if stored is not None else default
     return out
+
+
+def _widen_conv_in(unet: Any, channels: int) -> None:
+    """Give a pretrained UNet ``channels`` inputs: the new ones enter ``conv_in`` with zero
+    weights (InstructPix2Pix), so its outputs are unchanged until they are trained."""
+    old = unet.conv_in
+    new = torch.nn.Conv2d(
+        channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dtype=old.weight.dtype,
+        device=old.weight.device,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=channels)
+    logger.warning(
+        "UNet conv_in widened %d -> %d input channels for spatial conditioning (new weights zero)",
+        old.in_channels,
+        channels,
+    )
 
 
 def _token_grid(num_tokens: int) -> int:
