@@ -350,3 +350,31 @@ def test_bfloat16_and_incompatible_scheduler(sd_dirs):
         match="scheduler 'pndm' cannot sample a model trained for prediction_type 'sample'; use one of ddpm, ddim",
     ):
         x0.decode(tokens[:1], scheduler="pndm", steps=2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
+def test_min_snr_weights_by_hand(sd_dirs, tmp_path, prediction_type):
+    dec = decoder(sd_dirs / "pixel", prediction_type=prediction_type, snr_gamma=2.0).eval()
+    tokens, pixels = data()
+    hook = _zero_unet(dec)
+    with torch.no_grad():
+        loss = dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(5)).item()
+    hook.remove()
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(pixels.shape, generator=g)
+    t = torch.randint(0, 100, (4,), generator=g)
+    x0 = pixels * 2 - 1
+    a = dec.noise_scheduler.alphas_cumprod[t]
+    snr = a / (1 - a)
+    a = a.view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * x0, "sample": x0}
+    # Min-SNR: the clean-image loss weighted by min(SNR, gamma); the epsilon loss is the
+    # clean-image loss times SNR, the v loss times SNR + 1
+    to_x0 = {"epsilon": 1 / snr, "v": 1 / (snr + 1), "sample": 1.0}[prediction_type]
+    weight = torch.minimum(snr, torch.tensor(2.0)) * to_x0
+    expected = (target[prediction_type].pow(2).flatten(1).mean(1) * weight).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    dec.save_pretrained(tmp_path / "dec")
+    assert create("decoder", "sd-unet", pretrained=str(tmp_path / "dec")).snr_gamma == 2.0
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        decoder(sd_dirs / "pixel", snr_gamma=0)

@@ -80,6 +80,7 @@ class DiffusionDecoder(VisualDecoder):
         null_conditioning: str | None = None,
         reshape_cross_attention: bool = False,
         spatial_channels: int | None = None,
+        snr_gamma: float | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
     ) -> None:
@@ -116,6 +117,10 @@ class DiffusionDecoder(VisualDecoder):
         cond_dropout = saved.get("cond_dropout", 0.75) if cond_dropout is None else cond_dropout
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+        snr_gamma = saved.get("snr_gamma") if snr_gamma is None else snr_gamma
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0 (5 is usual) or None, got {snr_gamma}")
+        self.snr_gamma = snr_gamma
         if conf["null_conditioning"] not in ("zeros", "learned"):
             raise ValueError(
                 f"null_conditioning must be 'zeros' or 'learned', got '{conf['null_conditioning']}'"
@@ -326,9 +331,10 @@ class DiffusionDecoder(VisualDecoder):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Diffusion loss of reconstructing ``pixel_values`` ``(b, 3, h, w)`` in [0, 1] from
-        ``tokens``; conditioning is dropped to the null context with ``cond_dropout`` while
-        training. Noise, timesteps and dropout are drawn from ``generator`` (on its device) when
-        given; the noising and the target are computed in float32."""
+        ``tokens`` (with ``snr_gamma``, each sample weighted by Min-SNR); conditioning is dropped
+        to the null context with ``cond_dropout`` while training. Noise, timesteps and dropout
+        are drawn from ``generator`` (on its device) when given; the noising and the target are
+        computed in float32."""
         device = self.unet.device
         x0 = self._to_model_space(pixel_values.to(device), generator)
         b = x0.shape[0]
@@ -353,7 +359,23 @@ class DiffusionDecoder(VisualDecoder):
         dtype = self.unet.dtype
         inp = self._unet_input(noisy.to(dtype), spatial)
         pred = self.unet(inp, t, encoder_hidden_states=ctx.to(dtype)).sample
-        return F.mse_loss(pred.float(), target)
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target)
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        return (per_sample * self._snr_weight(t)).mean()
+
+    def _snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023): the clean-image loss weighted by
+        ``min(SNR, gamma)``, expressed for this prediction type's target (the epsilon loss is
+        the clean-image loss times SNR, the v loss times SNR + 1)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alphas / (1.0 - alphas)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1.0)
+        return clipped
 
     def training_step(
         self, tokens: torch.Tensor, pixel_values: torch.Tensor, optimizer: torch.optim.Optimizer
@@ -446,6 +468,7 @@ class DiffusionDecoder(VisualDecoder):
             "context_length": self.context_length,
             "prediction_type": self.prediction_type,
             "cond_dropout": self.cond_dropout,
+            "snr_gamma": self.snr_gamma,
             "null_conditioning": self.null_conditioning,
             "spatial_channels": self.spatial_channels,
             "dtype": dtype_name(self.unet.dtype),
