@@ -48,6 +48,7 @@ from metamorph_decoders.loading import (
     subfolder,
 )
 from metamorph_decoders.schedulers import make_scheduler
+from metamorph_decoders.spatial import SpatialMap, widen_conv_in
 
 logger = logging.getLogger("metamorph")
 FORMAT = "metamorph-decoder"
@@ -133,7 +134,6 @@ class DiffusionDecoder(VisualDecoder):
         self.spatial_channels = int(conf["spatial_channels"])
         if self.spatial_channels < 0:
             raise ValueError(f"spatial_channels must be >= 0, got {self.spatial_channels}")
-        self._grid = _token_grid(self.num_tokens) if self.spatial_channels else 0
 
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -157,9 +157,11 @@ class DiffusionDecoder(VisualDecoder):
                 )
             else:
                 self.unet = UNet2DConditionModel.from_config(unet_cfg)
-            self.spatial = None
-            if self.spatial_channels:
-                self.spatial = torch.nn.Linear(self.token_dim, self.spatial_channels, bias=False)
+            self.spatial = (
+                SpatialMap(self.token_dim, self.spatial_channels, self.num_tokens)
+                if self.spatial_channels
+                else None
+            )
             if self.null_conditioning == "learned":
                 rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
                 self.null_context = torch.nn.Parameter(torch.zeros(rows, self.adapter.out_dim))
@@ -200,7 +202,7 @@ class DiffusionDecoder(VisualDecoder):
         self.sample_channels = self.vae.config.latent_channels if self.vae is not None else 3
         want = self.sample_channels + self.spatial_channels
         if root is not None and self.spatial_channels and channels == self.sample_channels:
-            _widen_conv_in(self.unet, want)
+            widen_conv_in(self.unet, want)
             channels = want
         if channels != want:
             extra = f" + {self.spatial_channels} spatial_channels" if self.spatial_channels else ""
@@ -290,16 +292,7 @@ class DiffusionDecoder(VisualDecoder):
         conditioning."""
         if self.spatial is None:
             return None
-        if tokens.shape[1] != self.num_tokens:
-            raise ValueError(
-                f"spatial conditioning needs the {self.num_tokens} tokens of a "
-                f"{self._grid}x{self._grid} grid, got {tokens.shape[1]}"
-            )
-        weight = self.spatial.weight
-        grid = self.spatial(tokens.to(weight.device, weight.dtype))  # (b, n, k)
-        grid = grid.transpose(1, 2).reshape(tokens.shape[0], -1, self._grid, self._grid)
-        side = int(self.unet.config.sample_size)
-        return F.interpolate(grid, size=(side, side), mode="nearest")
+        return self.spatial.layout(tokens, int(self.unet.config.sample_size))
 
     def _unet_input(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
         return x if spatial is None else torch.cat([x, spatial.to(x.dtype)], dim=1)
@@ -536,42 +529,6 @@ def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) ->
             )
         out[key] = value if value is not None else stored if stored is not None else default
     return out
-
-
-def _widen_conv_in(unet: Any, channels: int) -> None:
-    """Give a pretrained UNet ``channels`` inputs: the new ones enter ``conv_in`` with zero
-    weights (InstructPix2Pix), so its outputs are unchanged until they are trained."""
-    old = unet.conv_in
-    new = torch.nn.Conv2d(
-        channels,
-        old.out_channels,
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dtype=old.weight.dtype,
-        device=old.weight.device,
-    )
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, : old.in_channels].copy_(old.weight)
-        new.bias.copy_(old.bias)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=channels)
-    logger.warning(
-        "UNet conv_in widened %d -> %d input channels for spatial conditioning (new weights zero)",
-        old.in_channels,
-        channels,
-    )
-
-
-def _token_grid(num_tokens: int) -> int:
-    side = round(num_tokens**0.5)
-    if side * side != num_tokens:
-        raise ValueError(
-            f"spatial_channels needs a square grid of tokens, but num_tokens={num_tokens}; use "
-            "spatial_channels=0 (cross-attention only) for tokens that are not a patch grid"
-        )
-    return side
 
 
 def _to_pil(images: torch.Tensor) -> list[Any]:

@@ -1,0 +1,69 @@
+"""Spatial conditioning for ``sd-unet`` (option ``spatial_channels``): a square grid of visual
+tokens laid over the UNet's input, each token over its own patch, as extra input channels
+(InstructPix2Pix-style concatenation)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("metamorph")
+
+
+class SpatialMap(torch.nn.Linear):
+    """A linear map of each token to ``channels`` channels (no bias), laid out on the token grid
+    and upsampled (nearest) to the sample size. ``weight`` is what the decoder saves."""
+
+    def __init__(self, token_dim: int, channels: int, num_tokens: int) -> None:
+        super().__init__(token_dim, channels, bias=False)
+        self.num_tokens, self.grid = num_tokens, _token_grid(num_tokens)
+
+    def layout(self, tokens: torch.Tensor, side: int) -> torch.Tensor:
+        """``(b, n, c)`` tokens -> ``(b, channels, side, side)``."""
+        if tokens.shape[1] != self.num_tokens:
+            raise ValueError(
+                f"spatial conditioning needs the {self.num_tokens} tokens of a "
+                f"{self.grid}x{self.grid} grid, got {tokens.shape[1]}"
+            )
+        grid = self(tokens.to(self.weight.device, self.weight.dtype))  # (b, n, k)
+        grid = grid.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid, self.grid)
+        return F.interpolate(grid, size=(side, side), mode="nearest")
+
+
+def widen_conv_in(unet: Any, channels: int) -> None:
+    """Give a pretrained UNet ``channels`` inputs: the new ones enter ``conv_in`` with zero
+    weights (InstructPix2Pix), so its outputs are unchanged until they are trained."""
+    old = unet.conv_in
+    new = torch.nn.Conv2d(
+        channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dtype=old.weight.dtype,
+        device=old.weight.device,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=channels)
+    logger.warning(
+        "UNet conv_in widened %d -> %d input channels for spatial conditioning (new weights zero)",
+        old.in_channels,
+        channels,
+    )
+
+
+def _token_grid(num_tokens: int) -> int:
+    side = round(num_tokens**0.5)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"spatial_channels needs a square grid of tokens, but num_tokens={num_tokens}; use "
+            "spatial_channels=0 (cross-attention only) for tokens that are not a patch grid"
+        )
+    return side
