@@ -205,3 +205,47 @@ def test_unfrozen_encoder_trains(make_model):
     assert model.encoder.training
     model(**model.prepare_batch([generation()])).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_perturb_tokens_keeps_norms_and_reaches_the_expected_cosine():
+    from metamorph_core.vision import perturb_tokens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, 64, generator=g) * 3.0  # unnormalised: norms are kept as they are
+    y = perturb_tokens(x, 1.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-4)
+    cos = F.cosine_similarity(x, y, dim=-1)
+    # level s ~ U(0, 1), cosine ~ 1 / sqrt(1 + s^2): its mean is asinh(1) = 0.881
+    assert cos.mean().item() == pytest.approx(0.881, abs=0.01)
+    assert cos.min().item() < 0.8 and cos.max().item() > 0.99  # levels vary per sample
+    # one level per sample: the two tokens of a sample are perturbed about as much
+    per_sample = cos[:, 0] - cos[:, 1]
+    assert per_sample.abs().mean().item() < 0.05
+    again = perturb_tokens(x, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(y, again)
+    assert torch.equal(perturb_tokens(x, 0.0), x)
+
+
+def test_input_noise_perturbs_only_what_the_llm_reads_of_generated_images(make_model):
+    model = make_model().eval()
+    batch = model.prepare_batch([understanding(), generation(), text_only()])
+    seen = []
+    hook = model.projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        clean = model(**batch)
+        noisy = model(**batch, input_noise=(2.0, 3))
+        again = model(**batch, input_noise=(2.0, 3))
+    hook.remove()
+    assert list(batch["image_is_target"]) == [False, True]
+    clean_in, noisy_in = seen[0], seen[1]
+    assert torch.equal(noisy_in[0], clean_in[0])  # the understanding image: untouched
+    assert not torch.allclose(noisy_in[1], clean_in[1])  # the generated one: perturbed
+    assert torch.allclose(noisy_in[1].norm(dim=-1), clean_in[1].norm(dim=-1), rtol=1e-4)
+    assert torch.equal(seen[2], noisy_in)  # drawn from the seed: reproducible
+    # the targets stay the clean tokens: recompute the visual loss from the noisy run's states
+    target = model.encoder(batch["pixel_values"])[1]
+    states = noisy.hidden_states[1, :-1][batch["target_slot_mask"][1, 1:]]
+    want = model.visual_loss_fn(model.head(states), target).sum()
+    assert noisy.visual_loss_sum.item() == pytest.approx(want.item(), rel=1e-5)
+    assert noisy.visual_loss_sum.item() != pytest.approx(clean.visual_loss_sum.item(), rel=1e-3)
+    assert again.visual_loss_sum.item() == noisy.visual_loss_sum.item()

@@ -378,3 +378,24 @@ def test_min_snr_weights_by_hand(sd_dirs, tmp_path, prediction_type):
     assert create("decoder", "sd-unet", pretrained=str(tmp_path / "dec")).snr_gamma == 2.0
     with pytest.raises(ValueError, match="snr_gamma must be > 0"):
         decoder(sd_dirs / "pixel", snr_gamma=0)
+
+
+def test_token_noise_augments_the_conditioning_in_training_only(sd_dirs, tmp_path):
+    dec = decoder(sd_dirs / "pixel", prediction_type="sample", token_noise=1.0, cond_dropout=0.0)
+    tokens, pixels = data()
+    seen = []
+    hook = dec.adapter.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        dec.train()
+        dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(5))
+        dec.eval()
+        dec.loss(tokens, pixels, generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    trained, evaluated = seen
+    assert torch.equal(evaluated, tokens)  # no augmentation outside training
+    assert not torch.allclose(trained, tokens)
+    assert torch.allclose(trained.norm(dim=-1), tokens.norm(dim=-1), rtol=1e-4)
+    dec.save_pretrained(tmp_path / "dec")
+    assert create("decoder", "sd-unet", pretrained=str(tmp_path / "dec")).token_noise == 1.0
+    with pytest.raises(ValueError, match="token_noise must be >= 0"):
+        decoder(sd_dirs / "pixel", token_noise=-0.5)

@@ -151,3 +151,19 @@ def test_bf16_autocast_step_runs_and_learns(backbone, tmp_path):
     assert all(r["text_loss"] == r["text_loss"] for r in rows)  # no NaN
     assert rows[-1]["visual_loss"] < rows[0]["visual_loss"]
     assert next(iter(t.params.values())).dtype == torch.float32  # fp32 masters
+
+
+def test_visual_input_noise_reaches_the_model_from_the_steps_seed(backbone, tmp_path):
+    cfg = TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12, visual_input_noise=0.5)
+    trainer = Trainer(_model(backbone), _data(), cfg, log=None)
+    convs = [samples.understanding(0), samples.generation(1)]
+    batch = trainer.objective.batch(convs, seed=17)
+    assert batch["input_noise"] == (0.5, 17)
+    losses = [trainer.objective.loss_sums(trainer.model, batch)[1].item() for _ in range(2)]
+    assert losses[0] == losses[1]  # the same step's seed draws the same noise (exact resume)
+    off = TrainerConfig(output_dir=str(tmp_path / "o"), steps=1)
+    off = Trainer(_model(backbone), _data(), off, log=None)
+    assert "input_noise" not in off.objective.batch(convs, seed=17)
+    with pytest.raises(ValueError, match="visual_input_noise must be >= 0"):
+        bad = TrainerConfig(output_dir=str(tmp_path / "x"), steps=1, visual_input_noise=-1.0)
+        Trainer(_model(backbone), _data(), bad, log=None)

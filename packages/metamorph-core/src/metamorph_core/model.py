@@ -45,6 +45,7 @@ from metamorph_core.interfaces import (
 )
 from metamorph_core.plugins.registry import create
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate, pack
+from metamorph_core.vision import perturb_tokens
 
 FORMAT = "metamorph"
 FORMAT_VERSION = 1
@@ -345,11 +346,13 @@ class MetaMorphModel(nn.Module):
         return_logits: bool = True,
         image_is_target: torch.Tensor | None = None,  # from collate/pack; the slots carry it
         sample_index: torch.Tensor | None = None,  # from pack; for per-sample accounting
+        input_noise: tuple[float, int] | None = None,
     ) -> MetaMorphOutput:
         """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` ``(n, 3, h,
         w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order. Packed
         rows (``position_ids`` restarting per sample, no ``attention_mask``) attend within each
-        sample only."""
+        sample only. ``input_noise`` ``(max_level, seed)``: the target images' tokens are read
+        through :func:`~metamorph_core.vision.perturb_tokens` (their targets stay clean)."""
         embeds = self.backbone.embed(input_ids)
         proj_dtype, head_dtype = module_dtype(self.projector), module_dtype(self.head)
         tokens = None
@@ -364,7 +367,10 @@ class MetaMorphModel(nn.Module):
                     "build batches with model.prepare_batch or pass the images' features"
                 )
             self._check_tokens(tokens, int(image_slot_mask.sum()))
-            proj = self.projector(tokens.to(proj_dtype))  # (n, t, d)
+            read = tokens
+            if input_noise is not None and image_is_target is not None:
+                read = self._noisy_targets(tokens, image_is_target, *input_noise)
+            proj = self.projector(read.to(proj_dtype))  # (n, t, d)
             embeds = embeds.masked_scatter(image_slot_mask.unsqueeze(-1), proj.to(embeds.dtype))
         else:  # no image: the projector stays in the graph with a zero contribution (DDP)
             unused = self.projector(embeds.new_zeros(1, self.projector.in_dim, dtype=proj_dtype))
@@ -405,6 +411,22 @@ class MetaMorphModel(nn.Module):
         return MetaMorphOutput(
             loss, text_loss, visual_loss, text_sum, text_count, vis_sum, vis_count, logits, hidden
         )
+
+    @staticmethod
+    def _noisy_targets(
+        tokens: torch.Tensor, is_target: torch.Tensor, max_level: float, seed: int
+    ) -> torch.Tensor:
+        """``tokens`` ``(n, t, c)`` with the target images' rows perturbed (the others as
+        they are), drawn on the CPU from ``seed``."""
+        is_target = is_target.to(tokens.device)
+        if len(is_target) != len(tokens):
+            raise ValueError(
+                f"image_is_target has {len(is_target)} entries for {len(tokens)} images; build "
+                "batches with model.prepare_batch"
+            )
+        generator = torch.Generator().manual_seed(int(seed))
+        noisy = perturb_tokens(tokens.detach().cpu(), max_level, generator).to(tokens.device)
+        return torch.where(is_target[:, None, None], noisy.to(tokens.dtype), tokens)
 
     def _check_tokens(self, tokens: torch.Tensor, n_slots: int) -> None:
         n, c = self.num_image_tokens, self.encoder.hidden_size

@@ -138,3 +138,22 @@ def reduce_grid(
     else:
         x = F.adaptive_avg_pool2d(x, (side, side))
     return rearrange(x, "b c h w -> b (h w) c")
+
+
+def perturb_tokens(
+    tokens: torch.Tensor, max_level: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Noise augmentation of visual tokens ``(b, n, c)``, for a model that is trained on true
+    tokens but later fed imperfect, predicted ones (the decoder's noise conditioning
+    augmentation, Ho et al. 2021; the LLM's fed-back tokens). Each of the ``b`` samples gets
+    Gaussian noise at a level drawn uniformly from ``[0, max_level]``, relative to each token's
+    RMS, and every token is scaled back to its own norm (L2-normalised tokens stay normalised):
+    at level ``s`` the expected cosine to the true token is about ``1 / sqrt(1 + s**2)``. Noise
+    and levels are drawn from ``generator`` (on its device) when given."""
+    x = tokens.float()
+    draw = generator.device if generator is not None else x.device
+    level = torch.rand(x.shape[0], generator=generator, device=draw).to(x.device) * max_level
+    noise = torch.randn(x.shape, generator=generator, device=draw).to(x.device)
+    norm = x.norm(dim=-1, keepdim=True)
+    y = x + level.view(-1, *([1] * (x.dim() - 1))) * norm / x.shape[-1] ** 0.5 * noise
+    return (y * (norm / y.norm(dim=-1, keepdim=True).clamp(min=1e-12))).to(tokens.dtype)

@@ -41,6 +41,7 @@ from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
 from metamorph_core.interfaces import VisualDecoder
 from metamorph_core.plugins.registry import create
+from metamorph_core.vision import perturb_tokens
 from metamorph_decoders.loading import (
     load_unet_weights,
     plan_weight_load,
@@ -82,6 +83,7 @@ class DiffusionDecoder(VisualDecoder):
         reshape_cross_attention: bool = False,
         spatial_channels: int | None = None,
         snr_gamma: float | None = None,
+        token_noise: float | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
     ) -> None:
@@ -122,6 +124,12 @@ class DiffusionDecoder(VisualDecoder):
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (5 is usual) or None, got {snr_gamma}")
         self.snr_gamma = snr_gamma
+        token_noise = saved.get("token_noise", 0.0) if token_noise is None else token_noise
+        if not token_noise >= 0.0:
+            raise ValueError(
+                f"token_noise must be >= 0 (0: off; 0.5 to 1 is usual), got {token_noise}"
+            )
+        self.token_noise = float(token_noise)
         if conf["null_conditioning"] not in ("zeros", "learned"):
             raise ValueError(
                 f"null_conditioning must be 'zeros' or 'learned', got '{conf['null_conditioning']}'"
@@ -342,6 +350,8 @@ class DiffusionDecoder(VisualDecoder):
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         else:
             target = x0
+        if self.training and self.token_noise > 0:
+            tokens = perturb_tokens(tokens, self.token_noise, generator)
         ctx = self.context(tokens)
         spatial = self.spatial_map(tokens)
         if self.training and self.cond_dropout > 0:
@@ -462,6 +472,7 @@ class DiffusionDecoder(VisualDecoder):
             "prediction_type": self.prediction_type,
             "cond_dropout": self.cond_dropout,
             "snr_gamma": self.snr_gamma,
+            "token_noise": self.token_noise,
             "null_conditioning": self.null_conditioning,
             "spatial_channels": self.spatial_channels,
             "dtype": dtype_name(self.unet.dtype),

@@ -82,11 +82,20 @@ class VPiTObjective(Objective):
     units = ("tokens", "tokens")
     throughput_unit = "tokens"
 
-    def __init__(self, model: Any, pack_to: int | None = None, prompt_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pack_to: int | None = None,
+        prompt_dropout: float = 0.0,
+        visual_input_noise: float = 0.0,
+    ) -> None:
         super().__init__(model)
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        if not visual_input_noise >= 0.0:
+            raise ValueError(f"visual_input_noise must be >= 0 (0: off), got {visual_input_noise}")
         self.pack_to, self.prompt_dropout = pack_to, prompt_dropout
+        self.visual_input_noise = visual_input_noise
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -103,7 +112,10 @@ class VPiTObjective(Objective):
         return item
 
     def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
-        return self.module.prepare_batch(items, pack_to=self.pack_to)
+        out = self.module.prepare_batch(items, pack_to=self.pack_to)
+        if self.visual_input_noise > 0:  # drawn from the step's seed: resume stays exact
+            out["input_noise"] = (self.visual_input_noise, seed)
+        return out
 
     def counts(self, batch: dict[str, Any]) -> list[float]:
         return [

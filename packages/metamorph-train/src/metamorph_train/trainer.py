@@ -55,6 +55,10 @@ class TrainerConfig:
     keep_last: int = 2
     pack_to: int | None = None  # VPiT only: pack samples into rows of this many tokens
     prompt_dropout: float = 0.0  # VPiT only: share of generation samples with the prompt dropped
+    # VPiT only: noise augmentation of the target images' tokens the LLM reads (not of its
+    # targets): per image, a level uniform in [0, visual_input_noise] (metamorph_core.vision.
+    # perturb_tokens), so that it learns to continue from its own imperfect predictions
+    visual_input_noise: float = 0.0
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
     device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
@@ -84,14 +88,17 @@ class Trainer:
                 f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
             )
         if isinstance(model, Objective):
-            if not isinstance(model, VPiTObjective) and (config.pack_to or config.prompt_dropout):
+            vpit_only = config.pack_to or config.prompt_dropout or config.visual_input_noise
+            if not isinstance(model, VPiTObjective) and vpit_only:
                 raise ValueError(
-                    f"train.pack_to and train.prompt_dropout apply to VPiT only, not to "
-                    f"{type(model).__name__}"
+                    "train.pack_to, train.prompt_dropout and train.visual_input_noise apply to "
+                    f"VPiT only, not to {type(model).__name__}"
                 )
             self.objective = model
         else:
-            self.objective = VPiTObjective(model, config.pack_to, config.prompt_dropout)
+            self.objective = VPiTObjective(
+                model, config.pack_to, config.prompt_dropout, config.visual_input_noise
+            )
         model = self.objective.module
         self.model, self.data, self.config, self.log = model, data, config, log
         pick = trainable or self.objective.trainable
