@@ -296,3 +296,96 @@ def test_streaming_errors_name_shard_and_line_or_skip(tmp_path):
     (tmp_path / "empty" / "a.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no usable records"):
         ConversationDataset(tmp_path / "empty", tmp_path, streaming=True).next()
+
+
+def test_decoder_fine_tunes_on_tokens_an_llm_predicted(world, tmp_path):
+    from metamorph_core.testing import save_tiny_backbone, tiny_model_config
+    from metamorph_train.cache import FeatureCache
+
+    enc = {"image_size": 16, "hidden_size": 24, "num_tokens": 4}  # the decoder recipe's encoder
+    torch.manual_seed(0)
+    config = tiny_model_config(
+        save_tiny_backbone(tmp_path / "bb"), encoder=ComponentSpec("tiny-patch", enc)
+    )
+    MetaMorphModel.from_config(config).save_pretrained(tmp_path / "model")
+    pairs = [json.loads(x) for x in (world / "pairs.jsonl").read_text().splitlines()]
+    gen = [
+        {
+            "id": f"g{k}",
+            "image": p["image"],
+            "conversations": [
+                {"from": "human", "value": f"draw {p['caption']}"},
+                {"from": "gpt", "value": "here: <image>"},
+            ],
+        }
+        for k, p in enumerate(pairs)
+    ]
+    understanding = {  # not a generation target: left out of the predicted cache
+        "id": "u",
+        "image": pairs[0]["image"],
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
+    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen + [understanding]))
+    args = ["cache-features", "--data", str(tmp_path / "gen.jsonl"), "--image-root"]
+    args += [str(world / "images"), "--out", str(tmp_path / "pred")]
+    with pytest.raises(SystemExit, match="exactly one of --encoder, --predicted-by"):
+        cli(args)
+    assert cli(args + ["--predicted-by", str(tmp_path / "model")]) == 0
+
+    model = MetaMorphModel.from_pretrained(tmp_path / "model").eval()
+    with pytest.raises(ValueError, match="holds tokens predicted by the model"):
+        FeatureCache(tmp_path / "pred", model.encoder)  # VPiT must never read these
+    encoder = create("encoder", "tiny-patch", **enc)  # as the model's config names it
+    cache = FeatureCache(tmp_path / "pred", encoder, allow_predicted=True)
+    assert len(cache) == len(pairs) and cache.predicted_by == str(tmp_path / "model")
+    with torch.no_grad():  # the cached tokens are what the model generates for the prompt
+        want = model.generate_image([f"draw {pairs[2]['caption']}"], response_prefix="here: ")
+    got = cache.get(pairs[2]["image"]).tokens
+    assert torch.allclose(got, want[0].images[0], atol=1e-5)
+    assert not torch.allclose(
+        got,
+        model.encoder(
+            model.encoder.preprocess(
+                [
+                    torch.from_numpy(
+                        np.array(Image.open(world / "images" / pairs[2]["image"]))
+                    ).permute(2, 0, 1)
+                    / 255
+                ]
+            )
+        )[0],
+        atol=1e-2,
+    )
+
+    # the decoder recipe, from a trained decoder, learns on them; VPiT recipes refuse them
+    base = run_recipe(load_recipe(_decoder_recipe(world, tmp_path, "base")), log=None)
+    tuned = _write(
+        tmp_path / "tune.yaml",
+        {
+            "recipe": "decoder",
+            "model": {
+                "encoder": {"name": "tiny-patch", "kwargs": enc},
+                "decoder": {"name": "sd-unet", "kwargs": {"pretrained": base["saved"]}},
+            },
+            "data": {
+                "sources": [
+                    {"path": str(tmp_path / "gen.jsonl"), "image_root": str(world / "images")}
+                ],
+                "feature_cache": str(tmp_path / "pred"),
+            },
+            "train": {
+                "output_dir": str(tmp_path / "tuned"),
+                "steps": 2,
+                "batch_size": 4,
+                "log_every": 1,
+            },
+        },
+    )
+    out = run_recipe(load_recipe(tuned), log=None)
+    assert [r["diffusion_images"] for r in _rows(tmp_path / "tuned")] == [4, 4]
+    assert create("decoder", "sd-unet", pretrained=out["saved"]).decode(
+        got[None], steps=2, seed=0
+    ).shape == (1, 3, 16, 16)

@@ -4,6 +4,13 @@ reduced tokens instead of running it again.
 Layout of a cache directory: ``cache_config.json`` (the encoder that made it: registry name,
 options, token shape, dtype; a different encoder is refused), ``index.json`` (image path ->
 shard and row) and ``shard-RRRRR-KKKKK.safetensors`` files holding ``tokens`` ``(n, t, c)``.
+
+A *predicted* cache (:func:`build_predicted_cache`, ``metamorph cache-features
+--predicted-by``) holds, for each text-to-image record, the tokens a trained unified model
+generates from the record's prompt, keyed by the record's target image: training data for a
+decoder that is to draw from the LLM's predictions, not only from the encoder's exact tokens.
+Its ``cache_config.json`` names the model (``predicted_by``); only the ``decoder`` recipe reads
+such a cache.
 Under ``torchrun`` every rank encodes its share (``paths[rank::world_size]``) and writes its
 own shards and part index; the last rank to finish merges the parts. A cache is complete only
 once ``index.json`` exists.
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +36,17 @@ CONFIG = "cache_config.json"
 INDEX = "index.json"
 
 
-def encoder_signature(encoder: Any) -> dict[str, Any]:
-    """What identifies the tokens an encoder produces: its registry name and options, token
-    count and width."""
-    spec = getattr(encoder, "metamorph_spec", None) or {
-        "name": type(encoder).__name__,
-        "kwargs": {},
-    }
+def encoder_signature(encoder: Any, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies the tokens an encoder produces: its registry name and options (``spec``
+    when given, e.g. as a unified model's config names it), token count and width."""
+    spec = (
+        spec
+        or getattr(encoder, "metamorph_spec", None)
+        or {
+            "name": type(encoder).__name__,
+            "kwargs": {},
+        }
+    )
     return jsonable(
         {
             "name": spec["name"],
@@ -80,26 +91,119 @@ def build_cache(
     elif rank == 0:
         write_json(config_path, signature)
     root = ImageRoot(image_root)
-    mine = list(paths)[rank::world_size]
     device = next(encoder.parameters()).device
+
+    def encode(chunk: list[str]) -> torch.Tensor:
+        return encoder(encoder.preprocess([root.load(p) for p in chunk]).to(device))
+
+    mine = list(paths)[rank::world_size]
+    _write_shards(out, mine, encode, (rank, world_size), batch_size, shard_size, dtype)
+    return out
+
+
+def _write_shards(
+    out: Path,
+    keys: list[Any],
+    make: Callable[[list[Any]], torch.Tensor],
+    rank_of: tuple[int, int],
+    batch_size: int,
+    shard_size: int,
+    dtype: torch.dtype,
+) -> None:
+    """Write ``make(batch of keys)`` ``(b, t, c)`` tokens for this rank's ``keys`` into shards
+    and a part index (each file atomically), then merge the index once every rank's part is
+    there. A key is an image path, or a tuple whose first element is one."""
+    rank, world_size = rank_of
     index: dict[str, list[Any]] = {}
-    for k, start in enumerate(range(0, max(len(mine), 1), shard_size)):
-        chunk = mine[start : start + shard_size]
+    for k, start in enumerate(range(0, max(len(keys), 1), shard_size)):
+        chunk = keys[start : start + shard_size]
         if not chunk:
             break
-        parts = []
-        for b in range(0, len(chunk), batch_size):
-            images = [root.load(p) for p in chunk[b : b + batch_size]]
-            parts.append(encoder(encoder.preprocess(images).to(device)).to(dtype).cpu())
+        parts = [
+            make(chunk[b : b + batch_size]).to(dtype).cpu()
+            for b in range(0, len(chunk), batch_size)
+        ]
         name = f"shard-{rank:05d}-{k:05d}.safetensors"
         save_file({"tokens": torch.cat(parts).contiguous()}, str(out / f".{name}.tmp"))
         os.replace(out / f".{name}.tmp", out / name)
-        index.update({p: [name, i] for i, p in enumerate(chunk)})
+        paths = [key[0] if isinstance(key, tuple) else key for key in chunk]
+        index.update({p: [name, i] for i, p in enumerate(paths)})
     part = out / f"index-{rank:05d}-of-{world_size:05d}.json"
     write_json(out / f".{part.name}.tmp", index)
     os.replace(out / f".{part.name}.tmp", part)
     _merge_if_complete(out, world_size)
+
+
+def generation_prompts(records: Iterable[dict[str, Any]]) -> list[tuple[str, Any, str]]:
+    """``(target image path, prompt conversation, response prefix)`` of every text-to-image
+    record, i.e. one whose last ``gpt`` turn holds one ``<image>``: the prompt is the turns
+    before it, the prefix that turn's text before ``<image>``. Other records are left out; a
+    text-to-image record whose prompt holds images too is refused (not supported yet)."""
+    from metamorph_core.conversation import Conversation
+
+    out = []
+    for r in records:
+        turns = r["conversations"]
+        if (
+            turns[-1]["from"] not in ("gpt", "assistant")
+            or turns[-1]["value"].count("<image>") != 1
+        ):
+            continue
+        if any("<image>" in t["value"] for t in turns[:-1]):
+            raise ValueError(
+                f"record {r.get('id')!r}: its prompt holds images; predicted-token caches are "
+                "built from text-to-image records only"
+            )
+        image = r["image"] if isinstance(r["image"], str) else r["image"][-1]
+        prompt = Conversation.from_llava({**r, "conversations": turns[:-1], "image": []})
+        out.append((image, prompt, turns[-1]["value"].split("<image>")[0]))
     return out
+
+
+@torch.no_grad()
+def build_predicted_cache(
+    model: Any,
+    records: Iterable[dict[str, Any]],
+    out: str | Path,
+    predicted_by: str,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Cache, under each text-to-image record's target image, the visual tokens ``model`` (a
+    :class:`~metamorph_core.MetaMorphModel`) generates greedily from the record's prompt, as
+    inference does; returns how many images were cached (the first record naming an image
+    gives its prompt). ``predicted_by`` (the model's checkpoint) goes into the cache's
+    config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # the encoder as the model's config names it (what a decoder recipe's model.encoder
+    # says), not as the checkpoint reloads it from its own subfolder
+    named = {"name": model.config.encoder.name, "kwargs": model.config.encoder.kwargs}
+    signature = {
+        **encoder_signature(model.encoder, named),
+        "dtype": str(dtype).removeprefix("torch."),
+        "predicted_by": str(predicted_by),
+    }
+    if (out / CONFIG).exists():
+        _check_signature(json.loads((out / CONFIG).read_text()), signature, out)
+    else:
+        write_json(out / CONFIG, signature)
+    first: dict[str, tuple[str, Any, str]] = {}
+    for item in generation_prompts(records):
+        first.setdefault(item[0], item)
+    keys = [first[p] for p in sorted(first)]
+
+    def predict(chunk: list[tuple[str, Any, str]]) -> torch.Tensor:
+        tokens: dict[int, torch.Tensor] = {}
+        for prefix in dict.fromkeys(p for _, _, p in chunk):  # one call per response prefix
+            rows = [i for i, (_, _, p) in enumerate(chunk) if p == prefix]
+            results = model.generate_image([chunk[i][1] for i in rows], response_prefix=prefix)
+            tokens.update({i: r.images[0] for i, r in zip(rows, results, strict=True)})
+        return torch.stack([tokens[i] for i in range(len(chunk))])
+
+    _write_shards(out, keys, predict, (0, 1), batch_size, shard_size, dtype)
+    return len(keys)
 
 
 def _merge_if_complete(out: Path, world_size: int) -> None:
@@ -131,7 +235,9 @@ def _check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Pat
 class FeatureCache:
     """Read access to a complete cache, refusing one made by another encoder configuration."""
 
-    def __init__(self, path: str | Path, encoder: Any) -> None:
+    def __init__(self, path: str | Path, encoder: Any, allow_predicted: bool = False) -> None:
+        """``allow_predicted``: accept a predicted cache (:func:`build_predicted_cache`). Only
+        decoder training should: its tokens are an LLM's guesses, not the images' encoding."""
         self.path = Path(path)
         if not (self.path / INDEX).is_file():
             raise FileNotFoundError(
@@ -139,9 +245,16 @@ class FeatureCache:
                 "`metamorph cache-features`"
             )
         saved = json.loads((self.path / CONFIG).read_text())
-        _check_signature(
-            {k: v for k, v in saved.items() if k != "dtype"}, encoder_signature(encoder), self.path
-        )
+        self.predicted_by: str | None = saved.get("predicted_by")
+        if self.predicted_by is not None and not allow_predicted:
+            raise ValueError(
+                f"feature cache '{self.path}' holds tokens predicted by the model at "
+                f"'{self.predicted_by}', not the encoder's tokens of its images; only the "
+                "decoder recipe trains on such a cache. Use a cache made with `metamorph "
+                "cache-features --encoder ...` here"
+            )
+        own = {k: v for k, v in saved.items() if k not in ("dtype", "predicted_by")}
+        _check_signature(own, encoder_signature(encoder), self.path)
         self.index = json.loads((self.path / INDEX).read_text())
         self._open: dict[str, Any] = {}
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from metamorph_core.errors import MetaMorphError  # light: no torch
 from metamorph_train import __version__
@@ -46,6 +47,31 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_predicted(args: argparse.Namespace, records: list[Any], counts: dict[str, int]) -> int:
+    import torch
+
+    from metamorph_core import MetaMorphModel
+    from metamorph_train.cache import build_predicted_cache
+
+    model = MetaMorphModel.from_pretrained(args.predicted_by).to(args.device).eval()
+    n = build_predicted_cache(
+        model,
+        records,
+        args.out,
+        predicted_by=args.predicted_by,
+        batch_size=args.batch_size,
+        dtype=getattr(torch, args.dtype),
+    )
+    if not n:
+        raise SystemExit(
+            f"metamorph cache-features: '{args.data}' has no text-to-image records (an "
+            "'<image>' in the last gpt turn) to predict tokens for"
+        )
+    bad = counts.get("bad_records", 0)
+    print(f"cached the predicted tokens of {n} images ({bad} bad records skipped) in {args.out}")
+    return 0
+
+
 def _cmd_cache_features(args: argparse.Namespace) -> int:
     import torch
 
@@ -55,6 +81,10 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
 
     counts: dict[str, int] = {}  # any record with images: conversations, image-caption pairs
     records = read_records(args.data, args.on_error, counts, check_image_record)
+    if (args.encoder is None) == (args.predicted_by is None):
+        raise SystemExit("metamorph cache-features: give exactly one of --encoder, --predicted-by")
+    if args.predicted_by is not None:
+        return _cache_predicted(args, records, counts)
     paths = image_paths(records)
     if not paths:
         raise SystemExit(f"metamorph cache-features: '{args.data}' names no images")
@@ -215,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-root", required=True, help="directory the records' image paths are relative to"
     )
     c.add_argument("--out", required=True, help="cache directory")
-    c.add_argument("--encoder", required=True, help="encoder registry name, e.g. siglip")
+    c.add_argument("--encoder", help="encoder registry name, e.g. siglip")
+    c.add_argument(
+        "--predicted-by",
+        metavar="MODEL_DIR",
+        help="instead of encoding the images, cache the visual tokens this unified model "
+        "generates for each text-to-image record's prompt (decoder fine-tuning data)",
+    )
     c.add_argument("--encoder-kwargs", default="{}", help='JSON, e.g. \'{"pretrained": "DIR"}\'')
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="cpu")

@@ -28,7 +28,10 @@ The other recipes take their own ``model`` section (:class:`DecoderModel`,
 
 - ``decoder``: a visual decoder learns to draw the images of the sources from the tokens of
   ``model.encoder`` (encoded live, or read from ``data.feature_cache``); saves the decoder in
-  the SD layout (``create("decoder", "sd-unet", pretrained=...)`` loads it).
+  the SD layout (``create("decoder", "sd-unet", pretrained=...)`` loads it). The cache may
+  be a *predicted* one (``metamorph cache-features --predicted-by``): a decoder given as
+  ``pretrained`` is then fine-tuned to draw each image from the tokens a unified model
+  generated for its prompt.
 - ``encoder-pretrain``: SigLIP sigmoid-loss pretraining on ``{"image", "caption"}`` records;
   saves a directory the ``siglip`` encoder loads.
 - ``lm-pretrain``: causal-LM pretraining on ``{"text"}`` records (or conversations without
@@ -308,7 +311,8 @@ def _vpit(recipe: Recipe) -> tuple[Any, type, Any]:
             f"recipe key 'lora' is set but recipe is '{recipe.recipe}'; use recipe: lora"
         )
     t = recipe.train
-    return VPiTObjective(model, t.pack_to, t.prompt_dropout), ConversationDataset, model.encoder
+    objective = VPiTObjective(model, t.pack_to, t.prompt_dropout, t.visual_input_noise)
+    return objective, ConversationDataset, model.encoder
 
 
 def _decoder(recipe: Recipe) -> tuple[Any, type, Any]:
@@ -422,7 +426,10 @@ def _datasets(recipe: Recipe, kind: type, encoder: Any) -> dict[str, tuple[Any, 
     if recipe.data.feature_cache:
         if encoder is None:
             raise ValueError(f"recipe '{recipe.recipe}' reads pixels; drop data.feature_cache")
-        cache = FeatureCache(recipe.data.feature_cache, encoder)
+        # the decoder may learn from tokens an LLM predicted (metamorph cache-features
+        # --predicted-by); everything else needs the encoder's own tokens of the images
+        allow = recipe.recipe == "decoder"
+        cache = FeatureCache(recipe.data.feature_cache, encoder, allow_predicted=allow)
     out = {}
     for i, s in enumerate(recipe.data.sources):
         name = s.name or f"source{i}"
