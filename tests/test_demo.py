@@ -1,5 +1,5 @@
 """`metamorph demo --preset micro`: the whole toy-world pipeline (encoder pretraining, decoder,
-LM pretraining, VPiT, evaluation) runs through the CLI; every stage ran, every metric is there,
+LM pretraining, VPiT, the decoder tuned on VPiT's predictions, evaluation) runs through the CLI; every stage ran, every metric is there,
 and understanding and the judge are clearly above their chance baselines."""
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ import pytest
 from metamorph_train.cli import main as cli
 from metamorph_train.toy.demo import remove_demo_run
 
-STAGES = ("world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "eval")
+STAGES = (
+    "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",
+    "eval",
+)  # fmt: skip
 METRICS = (
     "understanding_accuracy",
     "generation_accuracy",
     "reasoning_generation_accuracy",
     "decoder_reconstruction_accuracy",
+    "tuned_decoder_reconstruction_accuracy",
     "token_nearest_neighbour_accuracy",
     "control_shuffled_tokens_accuracy",
 )
@@ -27,8 +31,10 @@ def test_micro_demo_runs_every_stage_and_learns(tmp_path):
     assert cli(["demo", "--preset", "micro", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(STAGES) <= set(metrics["seconds"])
-    for stage in ("encoder", "decoder", "lm", "vpit"):
+    for stage in ("encoder", "decoder", "lm", "vpit", "decoder-tuned"):
         assert (out / stage / "final").is_dir(), stage
+    predicted = json.loads((out / "cache-predicted" / "cache_config.json").read_text())
+    assert predicted["predicted_by"] == str(out / "vpit" / "final")
     for key in METRICS:
         m = metrics[key]
         assert 0.0 <= m["value"] <= 1.0 and m["n"] > 0 and 0.0 < m["chance"] < 1.0, key
@@ -37,6 +43,7 @@ def test_micro_demo_runs_every_stage_and_learns(tmp_path):
         "generation_accuracy",
         "reasoning_generation_accuracy",
         "decoder_reconstruction_accuracy",
+        "tuned_decoder_reconstruction_accuracy",
     ):
         per = metrics[key]["per_attribute"]
         assert set(per) == {"shape", "colour", "size", "position"}, key

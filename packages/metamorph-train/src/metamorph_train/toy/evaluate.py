@@ -49,9 +49,12 @@ class Evaluator:
 
         self.out, self.preset, self.options, self.judge, self.log = out, preset, options, judge, log
         self.model = MetaMorphModel.from_pretrained(out / "vpit" / "final").eval()
-        self.model.attach_decoder(
-            create("decoder", "sd-unet", pretrained=str(out / "decoder" / "final"))
-        )
+        # the decoder trained on the encoder's tokens; the one fine-tuned on the LLM's
+        # predictions (stage ``tune``), when there is one, draws the generated images
+        self.base = create("decoder", "sd-unet", pretrained=str(out / "decoder" / "final"))
+        tuned = out / "decoder-tuned" / "final"
+        self.tuned = create("decoder", "sd-unet", pretrained=str(tuned)) if tuned.is_dir() else None
+        self.model.attach_decoder(self.tuned or self.base)
         self.rng = np.random.default_rng(options.seed + 7919)
         self.scenes = W.all_scenes()
         with torch.no_grad():  # prototypes: mean normalised tokens of 2 fresh renders a scene
@@ -70,11 +73,14 @@ class Evaluator:
         with torch.no_grad():
             return torch.cat([enc(enc.preprocess(to_pixels(b))) for b in _batches(images, 256)])
 
-    def decode(self, tokens: Any) -> Any:
+    def decode(self, tokens: Any, decoder: Any = None) -> Any:
+        """Pixels of ``tokens`` drawn by ``decoder`` (default: the model's, the tuned one
+        when there is one)."""
         import torch
 
+        decoder = decoder or self.model.require_decoder()
         outs = [
-            self.model.decode_images(
+            decoder.decode(
                 b,
                 steps=self.preset.sample_steps,
                 guidance_scale=self.preset.decoder_guidance,
@@ -191,11 +197,17 @@ def evaluate(
 
     renders = [W.render(s, ev.rng) for s in test]
     truth_tokens = ev.encode(renders)
-    recon_hits, recon_preds = ev.judged(ev.decode(truth_tokens), test)
+    recon_hits, recon_preds = ev.judged(ev.decode(truth_tokens, ev.base), test)
     metrics["decoder_reconstruction_accuracy"] = _metric(recon_hits, len(test), chance_all)
     metrics["decoder_reconstruction_accuracy"]["per_attribute"] = ev.per_attribute(
         recon_preds, test
     )
+    if ev.tuned is not None:  # the same tokens through the decoder that draws generations
+        hits, tuned_preds = ev.judged(ev.decode(truth_tokens, ev.tuned), test)
+        metrics["tuned_decoder_reconstruction_accuracy"] = _metric(hits, len(test), chance_all)
+        metrics["tuned_decoder_reconstruction_accuracy"]["per_attribute"] = ev.per_attribute(
+            tuned_preds, test
+        )
     # negative control: tokens shuffled across images and positions, decoded, judged against
     # the scene the unshuffled tokens showed; a sound judge and decoder score ~chance
     g = torch.Generator().manual_seed(options.seed)
@@ -247,6 +259,14 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
     lines.append(
         f"| visual_token_cosine | {cos['value']:.3f} | | mean token: {cos['mean_token_baseline']:.3f} | {cos['n']} |"
     )
+    if "tuned_decoder_reconstruction_accuracy" in metrics:
+        lines += [
+            "",
+            "Generated images are drawn by the decoder fine-tuned on the LLM's own predictions "
+            "(`decoder-tuned`); `decoder_reconstruction_accuracy` is the decoder trained on the "
+            "encoder's tokens, `tuned_decoder_reconstruction_accuracy` the tuned one, both from "
+            "the encoder's tokens of fresh renders.",
+        ]
     per = {
         k: m["per_attribute"]
         for k, m in metrics.items()
