@@ -333,6 +333,12 @@ def test_decoder_fine_tunes_on_tokens_an_llm_predicted(world, tmp_path):
     args += [str(world / "images"), "--out", str(tmp_path / "pred")]
     with pytest.raises(SystemExit, match="exactly one of --encoder, --predicted-by"):
         cli(args)
+    (tmp_path / "u.jsonl").write_text(json.dumps(understanding))
+    none = ["cache-features", "--data", str(tmp_path / "u.jsonl"), "--image-root"]
+    none += [str(world / "images"), "--out", str(tmp_path / "none")]
+    with pytest.raises(SystemExit, match="no text-to-image records"):
+        cli(none + ["--predicted-by", str(tmp_path / "model")])
+    assert not (tmp_path / "none").exists()
     assert cli(args + ["--predicted-by", str(tmp_path / "model")]) == 0
 
     model = MetaMorphModel.from_pretrained(tmp_path / "model").eval()

@@ -173,8 +173,14 @@ def build_predicted_cache(
     """Cache, under each text-to-image record's target image, the visual tokens ``model`` (a
     :class:`~metamorph_core.MetaMorphModel`) generates greedily from the record's prompt, as
     inference does; returns how many images were cached (the first record naming an image
-    gives its prompt). ``predicted_by`` (the model's checkpoint) goes into the cache's
+    gives its prompt; none: nothing is written). ``predicted_by`` (the model's checkpoint) goes into the cache's
     config."""
+    first: dict[str, tuple[str, Any, str]] = {}
+    for item in generation_prompts(records):
+        first.setdefault(item[0], item)
+    if not first:
+        return 0  # nothing written
+    keys = [first[p] for p in sorted(first)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the encoder as the model's config names it (what a decoder recipe's model.encoder
@@ -189,10 +195,6 @@ def build_predicted_cache(
         _check_signature(json.loads((out / CONFIG).read_text()), signature, out)
     else:
         write_json(out / CONFIG, signature)
-    first: dict[str, tuple[str, Any, str]] = {}
-    for item in generation_prompts(records):
-        first.setdefault(item[0], item)
-    keys = [first[p] for p in sorted(first)]
 
     def predict(chunk: list[tuple[str, Any, str]]) -> torch.Tensor:
         tokens: dict[int, torch.Tensor] = {}

@@ -17,7 +17,7 @@ from PIL import Image
 from metamorph_train.toy import world as W
 
 if TYPE_CHECKING:
-    from metamorph_train.toy.demo import Options, Preset
+    from metamorph_train.toy.presets import Options, Preset
 
 
 def _metric(k: int, n: int, chance: float) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""The demo's presets (sizes and step counts of a run) and the options that vary between runs
+of one preset. Comments give the measurements behind the settings; BENCHMARKS.md has the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metamorph_train.toy import world as W
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and step counts of one demo run."""
+
+    images: int  # renders for encoder and decoder training
+    encoder_steps: int
+    decoder_steps: int
+    decoder_channels: tuple[int, ...]
+    lm_steps: int
+    lm_hidden: int
+    lm_layers: int
+    vpit_steps: int
+    understanding: int  # VPiT training conversations of each kind
+    generation: int
+    text_repeats: int  # copies of each text-only conversation
+    judge_steps: int
+    vqa_test: int
+    generation_test: int
+    reasoning_test: int
+    sample_steps: int  # decoder sampling steps at evaluation
+    # classifier-free guidance of the decoder at evaluation; measured on ground-truth tokens
+    # with a 300-step quick-preset decoder with spatial conditioning (200 held-out scenes,
+    # judged): all attributes right 0.125 at 1.0, 0.10 at 2.0, 0.035 at 4.0 (colour fades)
+    decoder_guidance: float = 1.0
+    # the decoder's local conditioning path (``sd-unet`` option ``spatial_channels``); measured
+    # at 300 steps: position 0.985 and size 0.77 right vs 0.855 and 0.64 after 700 steps without
+    decoder_spatial: int = 16
+    # noise conditioning augmentation of the decoder's tokens (``sd-unet`` option
+    # ``token_noise``); measured on the quick preset's VPiT tokens (150 held-out prompts,
+    # judged): colour right 0.60 -> 0.82, size 0.50 -> 0.82; reconstructions unchanged
+    decoder_token_noise: float = 0.75
+    # steps of the ``tune`` stage: the decoder fine-tuned on the tokens the trained LLM
+    # generates for the generation prompts (0: no such stage); measured (200 steps): the
+    # judged position of generated images 0.39 -> 0.96 on held-out prompts
+    decoder_tune_steps: int = 0
+    # the small SigLIP: patch 8 at 32x32 gives the 4x4 token grid directly (no reduction).
+    # Measured alternative (session 4): 48x48 input in 16x16 patches, whose 3x3 grid is the
+    # world's grid of positions (9 tokens, one a cell), encodes shape far better (linear probe
+    # on the tokens 0.96 vs 0.38-0.43 here; position and size 1.00) but did worse end to end
+    # (quick preset: generation 0.000, token nearest neighbour 0.153, reconstruction 0.117 vs
+    # 0.013 / 0.207 / 0.153 with this encoder): the LLM predicts the lone object token poorly
+    # and the decoder draws background for it, while reconstructions stay blobs either way.
+    encoder_image: int = W.IMAGE_SIZE
+    encoder_patch: int = 8
+    encoder_hidden: int = 128
+    encoder_lr: float = 1e-3
+    encoder_batch: int = 64
+    num_tokens: int = 16
+    batch_size: int = 32
+    held_out: float = 0.35
+
+
+PRESETS = {
+    "micro": Preset(
+        images=512,
+        encoder_steps=150,
+        decoder_steps=20,
+        decoder_channels=(16, 32),
+        lm_steps=150,
+        lm_hidden=64,
+        lm_layers=2,
+        vpit_steps=450,
+        understanding=1024,
+        generation=256,
+        text_repeats=1,
+        judge_steps=100,
+        vqa_test=96,
+        generation_test=24,
+        reasoning_test=24,
+        sample_steps=4,
+        decoder_tune_steps=5,  # the stages run; too few steps to matter
+        batch_size=16,
+        encoder_batch=32,
+    ),
+    "quick": Preset(
+        images=3000,
+        encoder_steps=800,
+        decoder_steps=200,
+        decoder_channels=(32, 64, 64),
+        lm_steps=300,
+        lm_hidden=128,
+        lm_layers=4,
+        vpit_steps=700,
+        understanding=4000,
+        generation=3000,
+        text_repeats=4,
+        judge_steps=400,
+        vqa_test=400,
+        generation_test=300,
+        reasoning_test=200,
+        sample_steps=10,
+        decoder_tune_steps=400,  # 200 were not enough for seed 2 (judged position 0.28 vs 0.96)
+    ),
+    "full": Preset(
+        images=8000,
+        encoder_steps=2000,
+        decoder_steps=1500,
+        decoder_channels=(32, 64, 64),
+        lm_steps=1000,
+        lm_hidden=192,
+        lm_layers=6,
+        vpit_steps=2500,
+        understanding=12000,
+        generation=8000,
+        text_repeats=8,
+        judge_steps=800,
+        vqa_test=600,
+        generation_test=540,
+        reasoning_test=300,
+        sample_steps=20,
+        decoder_tune_steps=500,  # with decoder 1500: about session 4's hour (not rerun)
+    ),
+}
+
+
+@dataclass
+class Options:
+    """What varies between runs of a preset (the ablations switch data off)."""
+
+    seed: int = 0
+    understanding_data: bool = True
+    text_facts: bool = True
+    generation: int | None = None  # override the preset's generation conversations
+
+
+__all__ = ["PRESETS", "Options", "Preset"]
