@@ -52,10 +52,10 @@ def test_micro_demo_runs_every_stage_and_learns(tmp_path):
         ), key  # all right implies each right
     cos = metrics["visual_token_cosine"]
     assert -1.0 <= cos["value"] <= 1.0 and -1.0 <= cos["mean_token_baseline"] <= 1.0
-    understanding = metrics["understanding_accuracy"]  # measured 0.53 (CI 0.43-0.63)
+    understanding = metrics["understanding_accuracy"]  # measured 0.52 (CI 0.42-0.62)
     assert understanding["ci95"][0] > understanding["chance"], understanding
     judge = metrics["judge_accuracy"]
-    assert judge["ci95"][0] > 0.5, judge
+    assert judge["ci95"][0] > 0.5, judge  # measured 0.87 (CI 0.83-0.90) at 80 judge steps
     report = (out / "report.md").read_text()
     assert "understanding_accuracy" in report
     for grid in ("generation.png", "reasoning.png", "understanding.png"):

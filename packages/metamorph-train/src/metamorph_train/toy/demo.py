@@ -287,6 +287,7 @@ def cache_features(out: Path, preset: Preset, files: dict[str, Path]) -> None:
 def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
     channels = list(preset.decoder_channels)
     depth = len(channels)
+    patch = preset.decoder_patch  # the UNet denoises patch x patch blocks folded into channels
     _train(
         _recipe(
             out / "recipes" / "decoder.yaml",
@@ -298,9 +299,9 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                         "name": "sd-unet",
                         "kwargs": {
                             "unet_config": {
-                                "sample_size": W.IMAGE_SIZE,
-                                "in_channels": 3 + preset.decoder_spatial,
-                                "out_channels": 3,
+                                "sample_size": W.IMAGE_SIZE // patch,
+                                "in_channels": 3 * patch**2 + preset.decoder_spatial,
+                                "out_channels": 3 * patch**2,
                                 "layers_per_block": 1,
                                 "block_out_channels": channels,
                                 "cross_attention_dim": 64,
@@ -315,6 +316,7 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                             "adapter": {"name": "mlp", "kwargs": {"hidden_dims": [128]}},
                             "context_length": preset.num_tokens,
                             "spatial_channels": preset.decoder_spatial,
+                            "patch_size": patch,
                             "prediction_type": "sample",
                             "cond_dropout": 0.1,
                             "token_noise": preset.decoder_token_noise,
@@ -329,7 +331,11 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                     "feature_cache": str(out / "cache"),
                 },
                 "train": _train_section(
-                    out / "decoder", preset.decoder_steps, preset.batch_size, 1e-3, seed
+                    out / "decoder",
+                    preset.decoder_steps,
+                    preset.batch_size,
+                    preset.decoder_lr,
+                    seed,
                 ),
             },
         )
