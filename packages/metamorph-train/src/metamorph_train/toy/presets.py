@@ -116,12 +116,14 @@ PRESETS = {
     "full": Preset(
         images=8000,
         encoder_steps=2000,
-        decoder_steps=4000,  # patched; session 4's 2000 unpatched steps took 1046 s
+        # patched: 735 s of a 48 min 53 s run (session 6: generation 0.42, reconstruction
+        # 0.44, both limited by shape, which grows with these steps; ~6000 would fit the hour)
+        decoder_steps=4000,
         decoder_channels=(32, 64, 64),
         lm_steps=1000,
         lm_hidden=192,
         lm_layers=6,
-        vpit_steps=2200,  # was 2500 (1988 s of session 4's 61-minute run)
+        vpit_steps=2200,  # 1444 s (session 6); was 2500 (1988 s of session 4's 61-minute run)
         understanding=12000,
         generation=8000,
         text_repeats=8,
