@@ -111,3 +111,37 @@ def test_bad_patch_settings_are_named():
     tokens, _ = data()
     with pytest.raises(ValueError, match="sides divide by it; got 15x15"):
         dec.loss(tokens, torch.rand(4, 3, 15, 15))
+
+
+def test_latent_mode_folds_the_latents():
+    vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 16,
+    }  # 16x16 images -> 8x8 latents of 4 channels -> a 4x4 sample of 16 at p=2
+    dec = create(
+        "decoder",
+        "sd-unet",
+        unet_config=tiny_unet_config(sample_size=4, in_channels=16, out_channels=16),
+        vae_config=vae,
+        token_dim=24,
+        num_tokens=4,
+        patch_size=P,
+        seed=0,
+    )
+    assert dec.mode == "latent" and dec.image_size == (16, 16)
+    tokens, pixels = data()
+    seen = []
+    hook = dec.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    loss = dec.loss(tokens, pixels)
+    with torch.no_grad():
+        images = dec.decode(tokens, steps=2, guidance_scale=1.0, seed=0)
+    hook.remove()
+    assert torch.isfinite(loss) and images.shape == (4, 3, 16, 16)
+    assert all(shape == (4, 16, 4, 4) for shape in seen)
