@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metamorph_core import create
-from metamorph_decoders.testing import tiny_unet_config
+from metamorph_decoders.testing import tiny_unet_config, tiny_vae_config
 
 P = 2
 
@@ -114,22 +114,12 @@ def test_bad_patch_settings_are_named():
 
 
 def test_latent_mode_folds_the_latents():
-    vae = {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "sample_size": 16,
-    }  # 16x16 images -> 8x8 latents of 4 channels -> a 4x4 sample of 16 at p=2
+    # 16x16 images -> 8x8 latents of 4 channels -> a 4x4 sample of 16 channels at p=2
     dec = create(
         "decoder",
         "sd-unet",
         unet_config=tiny_unet_config(sample_size=4, in_channels=16, out_channels=16),
-        vae_config=vae,
+        vae_config=tiny_vae_config(),
         token_dim=24,
         num_tokens=4,
         patch_size=P,

@@ -13,20 +13,10 @@ from metamorph_core import MetaMorphModel, create
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.testing import save_tiny_backbone, tiny_model_config
 from metamorph_decoders.loading import plan_weight_load
-from metamorph_decoders.testing import tiny_unet_config
+from metamorph_decoders.testing import tiny_unet_config, tiny_vae_config
 
 UNET = tiny_unet_config()
-VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "sample_size": 16,
-}
+VAE = tiny_vae_config()
 ADAPTER = {"name": "mlp", "kwargs": {"hidden_dims": [48]}}
 
 

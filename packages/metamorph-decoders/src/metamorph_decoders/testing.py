@@ -23,3 +23,19 @@ def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
         **overrides,
     }
+
+
+def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
+    """An ``AutoencoderKL`` config for 16x16 RGB images: 8x8 latents of 4 channels."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 16,
+        **overrides,
+    }
