@@ -78,7 +78,7 @@ PRESETS = {
         decoder_steps=20,
         decoder_channels=(16, 32),
         lm_steps=100,  # micro: 100 LM and 80 judge steps (were 150 / 100) for a run well under a
-        # minute (measured: 41-49 s wall, understanding 0.52, judge 0.87; judge 60 steps: 0.50)
+        # minute (measured: 49 s wall, understanding 0.52, judge 0.87; judge 60: 41 s but 0.50)
         lm_hidden=64,
         lm_layers=2,
         vpit_steps=450,
