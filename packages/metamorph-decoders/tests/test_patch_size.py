@@ -80,33 +80,22 @@ def test_saved_and_reloaded_with_its_patch_size(tmp_path):
 
 
 def test_bad_patch_settings_are_named():
+    def bare(unet, patch_size=P):
+        return create(
+            "decoder",
+            "sd-unet",
+            unet_config=unet,
+            token_dim=24,
+            num_tokens=4,
+            patch_size=patch_size,
+        )
+
     with pytest.raises(ValueError, match=r"12 input channels \(RGB x 4 \(patch_size 2\)\)"):
-        create(
-            "decoder",
-            "sd-unet",
-            unet_config=tiny_unet_config(sample_size=8),
-            token_dim=24,
-            num_tokens=4,
-            patch_size=P,
-        )
+        bare(tiny_unet_config(sample_size=8))
     with pytest.raises(ValueError, match="12 output channels"):
-        create(
-            "decoder",
-            "sd-unet",
-            unet_config=tiny_unet_config(sample_size=8, in_channels=12),
-            token_dim=24,
-            num_tokens=4,
-            patch_size=P,
-        )
+        bare(tiny_unet_config(sample_size=8, in_channels=12))
     with pytest.raises(ValueError, match="patch_size must be >= 1"):
-        create(
-            "decoder",
-            "sd-unet",
-            unet_config=tiny_unet_config(),
-            token_dim=24,
-            num_tokens=4,
-            patch_size=0,
-        )
+        bare(tiny_unet_config(), patch_size=0)
     dec = patched_decoder()
     tokens, _ = data()
     with pytest.raises(ValueError, match="sides divide by it; got 15x15"):

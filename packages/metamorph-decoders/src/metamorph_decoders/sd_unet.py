@@ -225,6 +225,7 @@ class DiffusionDecoder(VisualDecoder):
         if root is not None and self.spatial_channels and channels == self.sample_channels:
             widen_conv_in(self.unet, want)
             channels = want
+        base_name = "the VAE latent channels" if self.vae is not None else "RGB"
         patched = (
             f" x {self.patch_size**2} (patch_size {self.patch_size})" if self.patch_size > 1 else ""
         )
@@ -232,13 +233,12 @@ class DiffusionDecoder(VisualDecoder):
             extra = f" + {self.spatial_channels} spatial_channels" if self.spatial_channels else ""
             raise ValueError(
                 f"{mode} mode needs a UNet with {want} input channels "
-                f"({'the VAE latent channels' if self.vae is not None else 'RGB'}{patched}"
-                f"{extra}), this one has {channels}"
+                f"({base_name}{patched}{extra}), this one has {channels}"
             )
         if int(self.unet.config.out_channels) != self.sample_channels:
             raise ValueError(
                 f"{mode} mode needs a UNet with {self.sample_channels} output channels "
-                f"({'the VAE latent channels' if self.vae is not None else 'RGB'}{patched}), "
+                f"({base_name}{patched}), "
                 f"this one has {self.unet.config.out_channels}"
             )
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
