@@ -132,6 +132,25 @@ def test_batch_matches_one_sample_at_a_time(model):
     same(batched, [model.generate(p, max_new_tokens=40)[0] for p in PROMPTS])
 
 
+def test_one_response_prefix_per_prompt(model):
+    """A list of prefixes gives each prompt its own, as if generated one at a time; the wrong
+    number is refused by name."""
+    prefixes = [ANSWER, "sure: "]
+    batched = model.generate_image(PROMPTS[:2], response_prefix=prefixes)
+    same(
+        batched,
+        [
+            model.generate_image(p, response_prefix=q)[0]
+            for p, q in zip(PROMPTS[:2], prefixes, strict=True)
+        ],
+    )
+    assert not torch.allclose(
+        batched[0].images[0], model.generate_image(RED, response_prefix="sure: ")[0].images[0]
+    )
+    with pytest.raises(ValueError, match="response_prefix holds 1 items for 2 prompts"):
+        model.generate(PROMPTS[:2], response_prefix=[ANSWER])
+
+
 def test_visual_tokens_follow_the_vpit_alignment(model):
     """Recomputed by hand with full forwards: the state at <image_start> predicts visual
     token 1 (head output, L2-normalised); that token goes back in through the projector and

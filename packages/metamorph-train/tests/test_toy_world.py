@@ -38,6 +38,17 @@ def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts
         c for r in text_only for t in texts(r) + [r.get("text", "")] for c in CONCEPTS if c in t
     ]
     assert (set(mentions) == set(CONCEPTS)) if facts else not mentions
+    # text naming a concept never names both a size and a position: no reasoning test prompt
+    # (which names both) or its resolution is among the training texts, even as text
+    for r in text_only:
+        for t in texts(r) + [r.get("text", "")]:
+            if any(c in t for c in CONCEPTS):
+                sized = any(f" {w} " in t for w in W.SIZES)
+                placed = " at the " in t or " in the centre" in t
+                assert not (sized and placed), t
+    answers = {W.generation_answer(s) for s in splits.train_generation}
+    for r in rows(files["generation"]):  # each answer restates its request, then draws
+        assert r["conversations"][1]["value"] in answers
     prompts = [r["conversations"][0]["value"] for r in rows(files["generation"])]
     for s in splits.test_generation:
         for k in range(len(W.GENERATION_TEMPLATES)):  # every phrasing of a held-out request

@@ -246,7 +246,7 @@ class MetaMorphModel(nn.Module):
         prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         *,
-        response_prefix: str = "",
+        response_prefix: str | Sequence[str] = "",
         config: GenerationConfig | None = None,
         **options: Any,
     ) -> list[GenerationResult]:
@@ -264,7 +264,7 @@ class MetaMorphModel(nn.Module):
         prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         *,
-        response_prefix: str = "",
+        response_prefix: str | Sequence[str] = "",
         config: GenerationConfig | None = None,
         **options: Any,
     ) -> list[GenerationResult]:
@@ -279,7 +279,7 @@ class MetaMorphModel(nn.Module):
         prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         *,
-        response_prefix: str = "",
+        response_prefix: str | Sequence[str] = "",
         force_image: bool = False,
         config: GenerationConfig | None = None,
         **options: Any,

@@ -197,12 +197,10 @@ def build_predicted_cache(
         write_json(out / CONFIG, signature)
 
     def predict(chunk: list[tuple[str, Any, str]]) -> torch.Tensor:
-        tokens: dict[int, torch.Tensor] = {}
-        for prefix in dict.fromkeys(p for _, _, p in chunk):  # one call per response prefix
-            rows = [i for i, (_, _, p) in enumerate(chunk) if p == prefix]
-            results = model.generate_image([chunk[i][1] for i in rows], response_prefix=prefix)
-            tokens.update({i: r.images[0] for i, r in zip(rows, results, strict=True)})
-        return torch.stack([tokens[i] for i in range(len(chunk))])
+        results = model.generate_image(
+            [prompt for _, prompt, _ in chunk], response_prefix=[p for _, _, p in chunk]
+        )
+        return torch.stack([r.images[0] for r in results])
 
     _write_shards(out, keys, predict, (0, 1), batch_size, shard_size, dtype)
     return len(keys)

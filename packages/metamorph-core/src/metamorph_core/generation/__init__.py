@@ -73,7 +73,7 @@ def stream(
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
-    response_prefix: str = "",
+    response_prefix: str | Sequence[str] = "",
     force_image: bool = False,
     config: GenerationConfig | None = None,
     **options: Any,
@@ -85,8 +85,9 @@ def stream(
     model's chat template adds the assistant header. ``images`` go with a single string prompt
     (each where an ``<image>`` stands, else before the text); give a list of prompts their
     images through conversations. ``response_prefix``: text the answer starts with (not part
-    of the result). ``force_image``: the answer (after ``response_prefix``) is one image, see
-    :func:`generate_image`. ``options`` set or override :class:`GenerationConfig` fields.
+    of the result), one string for every prompt or one per prompt. ``force_image``: the
+    answer (after ``response_prefix``) is one image, see :func:`generate_image`. ``options``
+    set or override :class:`GenerationConfig` fields.
     """
     conversations = to_conversations(prompts, images)
     cfg = dataclasses.replace(config or GenerationConfig(), **options)
@@ -99,7 +100,7 @@ def generate(
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
-    response_prefix: str = "",
+    response_prefix: str | Sequence[str] = "",
     config: GenerationConfig | None = None,
     **options: Any,
 ) -> list[GenerationResult]:
@@ -115,7 +116,7 @@ def generate_image(
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
-    response_prefix: str = "",
+    response_prefix: str | Sequence[str] = "",
     config: GenerationConfig | None = None,
     **options: Any,
 ) -> list[GenerationResult]:

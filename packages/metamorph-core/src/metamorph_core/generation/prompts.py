@@ -69,27 +69,42 @@ class EncodedPrompt:
 def encode_prompts(
     model: MetaMorphModel,
     conversations: Sequence[Conversation],
-    response_prefix: str = "",
+    response_prefix: str | Sequence[str] = "",
     config: GenerationConfig | None = None,
     force_image: bool = False,
 ) -> list[EncodedPrompt]:
     """Render conversations with the model's template and the assistant header, then
-    ``response_prefix`` (and ``<image_start>`` when ``force_image``). Under guidance
-    (``config.guidance_scale != 1``) each prompt also gets its unconditional version:
-    :meth:`Conversation.drop_prompt`, rendered the same way."""
+    ``response_prefix`` (one string for all, or one per conversation) and ``<image_start>``
+    when ``force_image``. Under guidance (``config.guidance_scale != 1``) each prompt also gets
+    its unconditional version: :meth:`Conversation.drop_prompt`, rendered the same way."""
     builder = model.sequence_builder
-    tail = builder.text_ids(response_prefix) if response_prefix else []
-    if force_image:
-        tail.append(builder.image_start_id)
+    prefixes = per_prompt_prefixes(response_prefix, len(conversations))
     guided = config is not None and config.guidance_scale != 1.0
 
-    def encode(conv: Conversation) -> EncodedSample:
+    def encode(conv: Conversation, prefix: str) -> EncodedSample:
+        tail = builder.text_ids(prefix) if prefix else []
+        if force_image:
+            tail.append(builder.image_start_id)
         s = builder.encode(conv, add_generation_prompt=True)
         return dataclasses.replace(s, input_ids=s.input_ids + tail, labels=[])
 
     return [
-        EncodedPrompt(encode(c), encode(c.drop_prompt()) if guided else None) for c in conversations
+        EncodedPrompt(encode(c, p), encode(c.drop_prompt(), p) if guided else None)
+        for c, p in zip(conversations, prefixes, strict=True)
     ]
+
+
+def per_prompt_prefixes(response_prefix: str | Sequence[str], n: int) -> list[str]:
+    """``response_prefix`` as one string per prompt; a sequence must hold exactly ``n``."""
+    if isinstance(response_prefix, str):
+        return [response_prefix] * n
+    prefixes = list(response_prefix)
+    if len(prefixes) != n or not all(isinstance(p, str) for p in prefixes):
+        raise ValueError(
+            f"response_prefix holds {len(prefixes)} items for {n} prompts; pass one string for "
+            "all prompts or one string per prompt"
+        )
+    return prefixes
 
 
 def _image_tokens(model: MetaMorphModel, samples: Sequence[EncodedSample]) -> torch.Tensor | None:

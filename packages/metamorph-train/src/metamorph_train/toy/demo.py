@@ -109,22 +109,25 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
                 "image": _save(W.render(s, rng), images, f"g-{k:05d}.png"),
                 "conversations": [
                     {"from": "human", "value": W.generation_prompt(s, k)},
-                    {"from": "gpt", "value": f"{W.ANSWER_PREFIX}<image>"},
+                    {"from": "gpt", "value": W.generation_answer(s)},
                 ],
             }
         )
-    text = _text_conversations(options, rng) * preset.text_repeats
-    lm_text = [{"text": t} for t in W.facts()] if options.text_facts else []
+    text = _text_conversations(options) * preset.text_repeats
+    lm_text = []
+    if options.text_facts:  # the facts, and requests by concept resolved into plain words
+        lm_text += [{"text": t} for t in W.facts()]
+        lm_text += [{"text": f"{q} {a}"} for q, a in W.concept_resolutions()]
     lm_text += [{"text": f"{c}."} for s in scenes for c in (s.caption(), s.framed_caption())]
     lm_text += [
         {"text": f"{q} {v}."} for q in W.QUESTIONS.values() for v in W.SHAPES + tuple(W.COLOURS)
     ]
     # the instructions' wording, as a pretrained LLM knows it: without it the tokenizer spells
-    # "Generate" and the answer prefix letter by letter and the LM has never read them
-    # (measured: VPiT then ignored "top" / "bottom"; with it, position from generated tokens
-    # 0.53 -> 1.00). Training-generation scenes only, and text alone: nothing held out leaks
+    # "Generate" and the answer letter by letter and the LM has never read them (measured:
+    # VPiT then ignored "top" / "bottom"; with it, position from generated tokens 0.53 ->
+    # 1.00). Training-generation scenes only, and text alone: nothing held out leaks
     lm_text += [
-        {"text": f"{W.generation_prompt(s, k)} {W.ANSWER_PREFIX.strip()}"}
+        {"text": f"{W.generation_prompt(s, k)} {W.restatement(s)}"}
         for s in allowed
         for k in range(len(W.GENERATION_TEMPLATES))
     ]
@@ -141,9 +144,10 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
     return {"splits": splits, "files": files, "images": images}
 
 
-def _text_conversations(options: Options, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Text-only VPiT conversations: the facts as questions and answers, and descriptions that
-    resolve concepts into attributes. No image ever comes with them."""
+def _text_conversations(options: Options) -> list[dict[str, Any]]:
+    """Text-only VPiT conversations: the facts as questions and answers, and requests and
+    descriptions by concept resolved into attributes (:func:`~.world.concept_resolutions`). No
+    image ever comes with them."""
     if not options.text_facts:
         return []
     rows = []
@@ -155,15 +159,7 @@ def _text_conversations(options: Options, rng: np.random.Generator) -> list[dict
             rows.append((f"Which shape is a {p}?", shape))
     for fact in W.facts():
         rows.append(("Tell me a fact.", fact))
-    for s in W.all_scenes():  # concept descriptions -> the plain caption, in text only
-        colour = W.COLOUR_CONCEPTS[s.colour][int(rng.integers(2))]
-        shape = W.SHAPE_CONCEPTS[s.shape][int(rng.integers(2))]
-        rows.append(
-            (
-                f"Describe a {s.size} {shape} in the colour of {colour} {s.where()}.",
-                f"{s.framed_caption()}.",
-            )
-        )
+    rows += W.concept_resolutions()
     return [
         {
             "id": f"t{k}",

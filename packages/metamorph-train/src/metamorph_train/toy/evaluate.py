@@ -115,14 +115,25 @@ class Evaluator:
         chance = float(np.mean([1 / len(values[W.ATTRIBUTES[k % 4]]) for k in range(len(items))]))
         return _metric(right, len(items), chance), shown
 
-    def generate(self, prompts: list[str]) -> Any:
+    def generate(self, prompts: list[str]) -> tuple[Any, list[str]]:
+        """Answers to generation requests, as the world's answers go: the model restates the
+        request in its own words (greedy text after "Here is", up to the colon), then draws
+        with that restatement as the answer's prefix. Returns the visual tokens and the
+        restatements (what follows "Here is")."""
         import torch
 
-        tokens = []
+        tokens, said = [], []
         for batch in _batches(prompts, 32):
-            results = self.model.generate_image(batch, response_prefix=W.ANSWER_PREFIX)
+            texts = self.model.generate(
+                batch, response_prefix=W.ANSWER_LEAD, stop=(":",), max_new_tokens=32
+            )
+            restated = [" ".join(r.text.split()) for r in texts]
+            results = self.model.generate_image(
+                batch, response_prefix=[f"{W.ANSWER_LEAD} {r}: " for r in restated]
+            )
             tokens += [r.images[0] for r in results]
-        return torch.stack(tokens)
+            said += restated
+        return torch.stack(tokens), said
 
     def judged(self, pixels: Any, scenes: list[W.Scene]) -> tuple[int, list[dict[str, str]]]:
         from metamorph_train.toy.judge import correct
@@ -177,7 +188,8 @@ def evaluate(
         for k in range(preset.generation_test)
     ]
     prompts = [W.generation_prompt(s, k) for k, s in enumerate(test)]
-    tokens = ev.generate(prompts)
+    tokens, said = ev.generate(prompts)
+    metrics["generation_restatement_accuracy"] = _restated(said, test)
     pixels = ev.decode(tokens)
     hits, preds = ev.judged(pixels, test)
     metrics["generation_accuracy"] = _metric(hits, len(test), chance_all)
@@ -190,7 +202,9 @@ def evaluate(
         ev.scenes[int(ev.rng.integers(len(ev.scenes)))] for _ in range(preset.reasoning_test)
     ]
     r_prompts = [W.reasoning_prompt(s, ev.rng) for s in reasoning]
-    r_pixels = ev.decode(ev.generate(r_prompts))
+    r_tokens, r_said = ev.generate(r_prompts)
+    metrics["reasoning_restatement_accuracy"] = _restated(r_said, reasoning)
+    r_pixels = ev.decode(r_tokens)
     r_hits, r_preds = ev.judged(r_pixels, reasoning)
     metrics["reasoning_generation_accuracy"] = _metric(r_hits, len(reasoning), chance_all)
     metrics["reasoning_generation_accuracy"]["per_attribute"] = ev.per_attribute(r_preds, reasoning)
@@ -217,11 +231,20 @@ def evaluate(
     metrics["control_shuffled_tokens_accuracy"] = _metric(shuffled_hits, len(test), chance_all)
     report = {
         "vqa": vqa[:16],
-        "generation": list(zip(prompts[:16], pixels[:16], preds[:16], strict=True)),
-        "reasoning": list(zip(r_prompts[:16], r_pixels[:16], r_preds[:16], strict=True)),
+        "generation": list(zip(prompts[:16], said[:16], pixels[:16], preds[:16], strict=True)),
+        "reasoning": list(
+            zip(r_prompts[:16], r_said[:16], r_pixels[:16], r_preds[:16], strict=True)
+        ),
         "reconstruction": (renders[:16], None),
     }
     return metrics, report
+
+
+def _restated(said: list[str], scenes: list[W.Scene]) -> dict[str, Any]:
+    """How often the model's restatement of a request is the scene's plain description,
+    exactly (the text half of an answer; the picture is judged separately)."""
+    hits = sum(s == scene.framed_caption() for s, scene in zip(said, scenes, strict=True))
+    return _metric(hits, len(scenes), 1 / len(W.all_scenes()))
 
 
 def _grid(images: list[Any], path: Path, scale: int = 3) -> str:
@@ -284,18 +307,17 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
         "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()),
         "",
     ]
-    gen = report["generation"]
-    name = _grid([p for _, p, _ in gen], out / "generation.png")
-    lines += ["## Generation (held-out scenes)", "", f"![generation]({name})", ""]
-    lines += [
-        f"{i + 1}. {prompt} → judge: {_said(pred)}" for i, (prompt, _, pred) in enumerate(gen)
-    ]
-    rea = report["reasoning"]
-    name = _grid([p for _, p, _ in rea], out / "reasoning.png")
-    lines += ["", "## Reasoning into generation", "", f"![reasoning]({name})", ""]
-    lines += [
-        f"{i + 1}. {prompt} → judge: {_said(pred)}" for i, (prompt, _, pred) in enumerate(rea)
-    ]
+    for key, title in (
+        ("generation", "Generation (held-out scenes)"),
+        ("reasoning", "Reasoning into generation"),
+    ):
+        rows = report[key]
+        name = _grid([p for _, _, p, _ in rows], out / f"{key}.png")
+        lines += ["", f"## {title}", "", f"![{key}]({name})", ""]
+        lines += [
+            f"{i + 1}. {prompt} → “{W.ANSWER_LEAD} {said}:” → judge: {_said(pred)}"
+            for i, (prompt, said, _, pred) in enumerate(rows)
+        ]
     vqa = report["vqa"]
     name = _grid([img for img, _, _, _ in vqa], out / "understanding.png")
     lines += ["", "## Understanding (held-out renders)", "", f"![understanding]({name})", ""]

@@ -12,7 +12,12 @@ Splits (:func:`make_splits`), designed so that no test item leaks into training:
 - understanding (VQA) test images are fresh renders (new nuisance draws) of any scene;
 - *reasoning* prompts name a colour or a shape only through an everyday concept ("the colour of
   grass", "a shape with two plus one sides"). Those concepts appear in the text-only facts and
+  requests (:func:`concept_resolutions`, which name a size or a position, never both) and
   never in a training sample that contains an image.
+
+A generation answer restates the request in plain attribute words before the image ("Here is a
+large triangle in the colour green at the top: <image>"); a reasoning prompt is resolved in
+that restatement, with what the model learnt from text alone.
 """
 
 from __future__ import annotations
@@ -155,7 +160,22 @@ GENERATION_TEMPLATES = (
     "Show me a picture of {caption}.",
     "Generate an image of {framed}.",
 )
-ANSWER_PREFIX = "Here is an image based on your request: "
+# The answer to a generation request first restates it in plain attribute words, then draws:
+# "Here is a large triangle in the colour green at the top: <image>". A request that names
+# attributes through concepts is resolved in that restatement, in text, with the facts the
+# model learnt from text alone (measured: without a restatement, reasoning prompts came out
+# right 0.007 of the time in the full preset, colour 0.017, below chance).
+ANSWER_LEAD = "Here is"
+
+
+def restatement(scene: Scene) -> str:
+    """The text of a generation answer before its image: "Here is a large triangle in the
+    colour green at the top:"."""
+    return f"{ANSWER_LEAD} {scene.framed_caption()}:"
+
+
+def generation_answer(scene: Scene) -> str:
+    return f"{restatement(scene)} <image>"
 
 
 def generation_prompt(scene: Scene, k: int) -> str:
@@ -201,6 +221,29 @@ def facts() -> list[str]:
     for a, b in itertools.product(range(5), range(5)):
         if a + b < len(NUMBER_WORDS):
             out.append(f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.")
+    return out
+
+
+def concept_resolutions() -> list[tuple[str, str]]:
+    """Text-only requests and descriptions that name a shape and a colour through concepts,
+    each with its resolution in plain words: ("Generate an image of a large shape with three
+    sides in the colour of grass.", "Here is a large triangle in the colour green:") and
+    ("Describe a shape with three sides in the colour of grass at the top.", "a triangle in the
+    colour green at the top."). Each names a size or a position, never both, so no reasoning
+    test prompt is among them (those name both), and no image ever comes with them."""
+    out = []
+    combos = itertools.product(SHAPE_CONCEPTS.items(), COLOUR_CONCEPTS.items())
+    k = 0
+    for (shape, phrases), (colour, concepts) in combos:
+        for phrase, concept in itertools.product(phrases, concepts):
+            size, place = SIZES[k % len(SIZES)], POSITIONS[k % len(POSITIONS)]
+            where = Scene(shape, colour, size, place).where()
+            k += 1
+            for a, b in ((f"a {size} ", ""), ("a ", f" {where}")):
+                asked = f"{a}{phrase} in the colour of {concept}{b}"
+                plain = f"{a}{shape} in the colour {colour}{b}"
+                out.append((f"Generate an image of {asked}.", f"{ANSWER_LEAD} {plain}:"))
+                out.append((f"Describe {asked}.", f"{plain}."))
     return out
 
 
