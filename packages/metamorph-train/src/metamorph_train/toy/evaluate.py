@@ -122,12 +122,15 @@ class Evaluator:
         restatements (what follows "Here is")."""
         import torch
 
+        from metamorph_core.conversation import IMAGE_PLACEHOLDER
+
         tokens, said = [], []
         for batch in _batches(prompts, 32):
             texts = self.model.generate(
                 batch, response_prefix=W.ANSWER_LEAD, stop=(":",), max_new_tokens=32
             )
-            restated = [" ".join(r.text.split()) for r in texts]
+            # an image the model drew before its colon is not part of the restatement
+            restated = [" ".join(r.text.replace(IMAGE_PLACEHOLDER, " ").split()) for r in texts]
             results = self.model.generate_image(
                 batch, response_prefix=[f"{W.ANSWER_LEAD} {r}: " for r in restated]
             )
