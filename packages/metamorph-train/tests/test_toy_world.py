@@ -13,7 +13,9 @@ from metamorph_train.toy import world as W
 CONCEPTS = [c for cs in W.COLOUR_CONCEPTS.values() for c in cs] + [
     p for ps in W.SHAPE_CONCEPTS.values() for p in ps
 ]
-SMALL = D.Preset(**{**D.PRESETS["micro"].__dict__, "images": 64, "understanding": 128})
+SMALL = D.Preset(
+    **{**D.PRESETS["micro"].__dict__, "images": 64, "understanding": 128, "open_requests": 0.25}
+)
 
 
 def rows(path):
@@ -53,10 +55,15 @@ def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts
     for s in splits.test_generation:
         for k in range(len(W.GENERATION_TEMPLATES)):  # every phrasing of a held-out request
             assert W.generation_prompt(s, k) not in prompts
-    trained = {
-        p for s in splits.train_generation for k in range(4) for p in [W.generation_prompt(s, k)]
+    trained = {  # every request is for an allowed scene, some leaving one attribute open
+        W.generation_prompt(s, k, left)
+        for s in splits.train_generation
+        for k in range(len(W.GENERATION_TEMPLATES))
+        for left in (None, *W.ATTRIBUTES)
     }
     assert set(prompts) <= trained
+    full = {W.generation_prompt(s, k) for s in W.all_scenes() for k in range(4)}
+    assert 0 < len(set(prompts) - full) < len(prompts) / 2  # open requests: some, a minority
 
 
 def test_reasoning_prompts_differ_from_requests_only_by_concepts():

@@ -103,12 +103,14 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
     generation = []
     for k in range(options.generation if options.generation is not None else preset.generation):
         s = pick(allowed)
+        opened = preset.open_requests and rng.random() < preset.open_requests
+        left = W.ATTRIBUTES[k % len(W.ATTRIBUTES)] if opened else None
         generation.append(
             {
                 "id": f"g{k}",
                 "image": _save(W.render(s, rng), images, f"g-{k:05d}.png"),
                 "conversations": [
-                    {"from": "human", "value": W.generation_prompt(s, k)},
+                    {"from": "human", "value": W.generation_prompt(s, k, left)},
                     {"from": "gpt", "value": W.generation_answer(s)},
                 ],
             }

@@ -83,13 +83,24 @@ class Scene:
     def where(self) -> str:
         return "in the centre" if self.position == "centre" else f"at the {self.position}"
 
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {self.where()}"
+    def caption(self, leave_open: str | None = None) -> str:
+        """The caption, "a large green triangle at the top"; ``leave_open`` (an attribute) is
+        left unsaid: "a large triangle at the top", "a large green shape at the top"."""
+        words = [self._word(a, leave_open) for a in ("size", "colour", "shape", "position")]
+        return " ".join(["a", *(w for w in words if w)])
 
-    def framed_caption(self) -> str:
+    def framed_caption(self, leave_open: str | None = None) -> str:
         """The caption in the frame of the reasoning prompts, with plain attribute words: "a
-        large triangle in the colour green at the top"."""
-        return f"a {self.size} {self.shape} in the colour {self.colour} {self.where()}"
+        large triangle in the colour green at the top" (``leave_open`` as in :meth:`caption`)."""
+        colour = self._word("colour", leave_open)
+        words = [self._word("size", leave_open), self._word("shape", leave_open)]
+        words += [f"in the colour {colour}" if colour else "", self._word("position", leave_open)]
+        return " ".join(["a", *(w for w in words if w)])
+
+    def _word(self, attribute: str, leave_open: str | None) -> str:
+        if attribute == leave_open:
+            return "shape" if attribute == "shape" else ""
+        return self.where() if attribute == "position" else getattr(self, attribute)
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -178,13 +189,16 @@ def generation_answer(scene: Scene) -> str:
     return f"{restatement(scene)} <image>"
 
 
-def generation_prompt(scene: Scene, k: int) -> str:
+def generation_prompt(scene: Scene, k: int, leave_open: str | None = None) -> str:
     """The ``k``-th phrasing (cyclic) of a request for ``scene``, plain attribute words only.
     The last phrasing puts them in the reasoning prompts' frame ("... in the colour green
     ..."), so that a reasoning prompt differs from a trained request only by its concepts,
-    which reach the model through text alone (a pretrained LLM brings such fluency with it)."""
+    which reach the model through text alone (a pretrained LLM brings such fluency with it).
+    ``leave_open``: an attribute the request does not name (an *open* request)."""
     template = GENERATION_TEMPLATES[k % len(GENERATION_TEMPLATES)]
-    return template.format(caption=scene.caption(), framed=scene.framed_caption())
+    return template.format(
+        caption=scene.caption(leave_open), framed=scene.framed_caption(leave_open)
+    )
 
 
 def answer(scene: Scene, attribute: str) -> str:
