@@ -76,3 +76,13 @@ def test_reasoning_prompts_differ_from_requests_only_by_concepts():
     shape = next(p for p in W.SHAPE_CONCEPTS["triangle"] if p in prompt)
     plain = prompt.replace(f"of {colour}", "green").replace(shape, "triangle")
     assert plain == framed
+
+
+def test_the_papers_answers_without_restatements(tmp_path):
+    preset = D.Preset(**{**SMALL.__dict__, "restate": False})
+    files = D.write_world(tmp_path, preset, D.Options(seed=1))["files"]
+    answers = {r["conversations"][1]["value"] for r in rows(files["generation"])}
+    assert answers == {f"{W.PAPER_ANSWER} <image>"}
+    said = [r["conversations"][1]["value"] for r in rows(files["text"])]
+    said += [r["text"] for r in rows(files["lm_text"])]
+    assert not [t for t in said if f"{W.ANSWER_LEAD} a " in t]  # no restatement anywhere

@@ -111,15 +111,15 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
                 "image": _save(W.render(s, rng), images, f"g-{k:05d}.png"),
                 "conversations": [
                     {"from": "human", "value": W.generation_prompt(s, k, left)},
-                    {"from": "gpt", "value": W.generation_answer(s)},
+                    {"from": "gpt", "value": W.generation_answer(s, preset.restate)},
                 ],
             }
         )
-    text = _text_conversations(options) * preset.text_repeats
+    text = _text_conversations(options, preset.restate) * preset.text_repeats
     lm_text = []
     if options.text_facts:  # the facts, and requests by concept resolved into plain words
         lm_text += [{"text": t} for t in W.facts()]
-        lm_text += [{"text": f"{q} {a}"} for q, a in W.concept_resolutions()]
+        lm_text += [{"text": f"{q} {a}"} for q, a in W.concept_resolutions(preset.restate)]
     lm_text += [{"text": f"{c}."} for s in scenes for c in (s.caption(), s.framed_caption())]
     lm_text += [
         {"text": f"{q} {v}."} for q in W.QUESTIONS.values() for v in W.SHAPES + tuple(W.COLOURS)
@@ -129,7 +129,7 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
     # VPiT then ignored "top" / "bottom"; with it, position from generated tokens 0.53 ->
     # 1.00). Training-generation scenes only, and text alone: nothing held out leaks
     lm_text += [
-        {"text": f"{W.generation_prompt(s, k)} {W.restatement(s)}"}
+        {"text": f"{W.generation_prompt(s, k)} {W.restatement(s, preset.restate)}"}
         for s in allowed
         for k in range(len(W.GENERATION_TEMPLATES))
     ]
@@ -146,7 +146,7 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
     return {"splits": splits, "files": files, "images": images}
 
 
-def _text_conversations(options: Options) -> list[dict[str, Any]]:
+def _text_conversations(options: Options, restate: bool) -> list[dict[str, Any]]:
     """Text-only VPiT conversations: the facts as questions and answers, and requests and
     descriptions by concept resolved into attributes (:func:`~.world.concept_resolutions`). No
     image ever comes with them."""
@@ -161,7 +161,7 @@ def _text_conversations(options: Options) -> list[dict[str, Any]]:
             rows.append((f"Which shape is a {p}?", shape))
     for fact in W.facts():
         rows.append(("Tell me a fact.", fact))
-    rows += W.concept_resolutions()
+    rows += W.concept_resolutions(restate)
     return [
         {
             "id": f"t{k}",

@@ -115,17 +115,23 @@ class Evaluator:
         chance = float(np.mean([1 / len(values[W.ATTRIBUTES[k % 4]]) for k in range(len(items))]))
         return _metric(right, len(items), chance), shown
 
-    def generate(self, prompts: list[str]) -> tuple[Any, list[str]]:
+    def generate(self, prompts: list[str]) -> tuple[Any, list[str | None]]:
         """Answers to generation requests, as the world's answers go: the model restates the
         request in its own words (greedy text after "Here is", up to the colon), then draws
         with that restatement as the answer's prefix. Returns the visual tokens and the
-        restatements (what follows "Here is")."""
+        restatements (what follows "Here is"; ``None`` without ``Preset.restate``, where the
+        image follows the paper's fixed answer text)."""
         import torch
 
         from metamorph_core.conversation import IMAGE_PLACEHOLDER
 
         tokens, said = [], []
         for batch in _batches(prompts, 32):
+            if not self.preset.restate:  # the paper's answers: the image straight away
+                results = self.model.generate_image(batch, response_prefix=f"{W.PAPER_ANSWER} ")
+                tokens += [r.images[0] for r in results]
+                said += [None] * len(batch)
+                continue
             texts = self.model.generate(
                 batch, response_prefix=W.ANSWER_LEAD, stop=(":",), max_new_tokens=32
             )
@@ -192,7 +198,8 @@ def evaluate(
     ]
     prompts = [W.generation_prompt(s, k) for k, s in enumerate(test)]
     tokens, said = ev.generate(prompts)
-    metrics["generation_restatement_accuracy"] = _restated(said, test)
+    if preset.restate:
+        metrics["generation_restatement_accuracy"] = _restated(said, test)
     pixels = ev.decode(tokens)
     hits, preds = ev.judged(pixels, test)
     metrics["generation_accuracy"] = _metric(hits, len(test), chance_all)
@@ -206,7 +213,8 @@ def evaluate(
     ]
     r_prompts = [W.reasoning_prompt(s, ev.rng) for s in reasoning]
     r_tokens, r_said = ev.generate(r_prompts)
-    metrics["reasoning_restatement_accuracy"] = _restated(r_said, reasoning)
+    if preset.restate:
+        metrics["reasoning_restatement_accuracy"] = _restated(r_said, reasoning)
     r_pixels = ev.decode(r_tokens)
     r_hits, r_preds = ev.judged(r_pixels, reasoning)
     metrics["reasoning_generation_accuracy"] = _metric(r_hits, len(reasoning), chance_all)
@@ -243,7 +251,7 @@ def evaluate(
     return metrics, report
 
 
-def _restated(said: list[str], scenes: list[W.Scene]) -> dict[str, Any]:
+def _restated(said: list[str | None], scenes: list[W.Scene]) -> dict[str, Any]:
     """How often the model's restatement of a request is the scene's plain description,
     exactly (the text half of an answer; the picture is judged separately)."""
     hits = sum(s == scene.framed_caption() for s, scene in zip(said, scenes, strict=True))
@@ -318,7 +326,9 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
         name = _grid([p for _, _, p, _ in rows], out / f"{key}.png")
         lines += ["", f"## {title}", "", f"![{key}]({name})", ""]
         lines += [
-            f"{i + 1}. {prompt} → “{W.ANSWER_LEAD} {said}:” → judge: {_said(pred)}"
+            f"{i + 1}. {prompt} → "
+            + (f"“{W.ANSWER_LEAD} {said}:” → " if said is not None else "")
+            + f"judge: {_said(pred)}"
             for i, (prompt, said, _, pred) in enumerate(rows)
         ]
     vqa = report["vqa"]

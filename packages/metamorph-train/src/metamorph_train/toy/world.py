@@ -177,16 +177,19 @@ GENERATION_TEMPLATES = (
 # model learnt from text alone (measured: without a restatement, reasoning prompts came out
 # right 0.007 of the time in the full preset, colour 0.017, below chance).
 ANSWER_LEAD = "Here is"
+# the paper's answer (no restatement: whatever reasoning there is stays implicit); the demo's
+# presets can switch back to it with ``restate=False``
+PAPER_ANSWER = "Here is an image based on your request:"
 
 
-def restatement(scene: Scene) -> str:
+def restatement(scene: Scene, restate: bool = True) -> str:
     """The text of a generation answer before its image: "Here is a large triangle in the
-    colour green at the top:"."""
-    return f"{ANSWER_LEAD} {scene.framed_caption()}:"
+    colour green at the top:" (``restate=False``: :data:`PAPER_ANSWER`)."""
+    return f"{ANSWER_LEAD} {scene.framed_caption()}:" if restate else PAPER_ANSWER
 
 
-def generation_answer(scene: Scene) -> str:
-    return f"{restatement(scene)} <image>"
+def generation_answer(scene: Scene, restate: bool = True) -> str:
+    return f"{restatement(scene, restate)} <image>"
 
 
 def generation_prompt(scene: Scene, k: int, leave_open: str | None = None) -> str:
@@ -238,13 +241,14 @@ def facts() -> list[str]:
     return out
 
 
-def concept_resolutions() -> list[tuple[str, str]]:
+def concept_resolutions(restate: bool = True) -> list[tuple[str, str]]:
     """Text-only requests and descriptions that name a shape and a colour through concepts,
     each with its resolution in plain words: ("Generate an image of a large shape with three
     sides in the colour of grass.", "Here is a large triangle in the colour green:") and
     ("Describe a shape with three sides in the colour of grass at the top.", "a triangle in the
     colour green at the top."). Each names a size or a position, never both, so no reasoning
-    test prompt is among them (those name both), and no image ever comes with them."""
+    test prompt is among them (those name both), and no image ever comes with them. Without
+    ``restate`` (the paper's answers) only the descriptions."""
     out = []
     combos = itertools.product(SHAPE_CONCEPTS.items(), COLOUR_CONCEPTS.items())
     k = 0
@@ -256,7 +260,8 @@ def concept_resolutions() -> list[tuple[str, str]]:
             for a, b in ((f"a {size} ", ""), ("a ", f" {where}")):
                 asked = f"{a}{phrase} in the colour of {concept}{b}"
                 plain = f"{a}{shape} in the colour {colour}{b}"
-                out.append((f"Generate an image of {asked}.", f"{ANSWER_LEAD} {plain}:"))
+                if restate:
+                    out.append((f"Generate an image of {asked}.", f"{ANSWER_LEAD} {plain}:"))
                 out.append((f"Describe {asked}.", f"{plain}."))
     return out
 
