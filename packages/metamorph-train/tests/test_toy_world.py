@@ -62,7 +62,11 @@ def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts
         for left in (None, *W.ATTRIBUTES)
     }
     assert set(prompts) <= trained
-    full = {W.generation_prompt(s, k) for s in W.all_scenes() for k in range(4)}
+    full = {
+        W.generation_prompt(s, k)
+        for s in W.all_scenes()
+        for k in range(len(W.GENERATION_TEMPLATES))
+    }
     assert 0 < len(set(prompts) - full) < len(prompts) / 2  # open requests: some, a minority
 
 

@@ -254,12 +254,14 @@ def concept_resolutions(restate: bool = True) -> list[tuple[str, str]]:
     k = 0
     for (shape, phrases), (colour, concepts) in combos:
         for phrase, concept in itertools.product(phrases, concepts):
-            size, place = SIZES[k % len(SIZES)], POSITIONS[k % len(POSITIONS)]
-            where = Scene(shape, colour, size, place).where()
+            scene = Scene(shape, colour, SIZES[k % len(SIZES)], POSITIONS[k % len(POSITIONS)])
             k += 1
-            for a, b in ((f"a {size} ", ""), ("a ", f" {where}")):
+            for a, b, left in (
+                (f"a {scene.size} ", "", "position"),
+                ("a ", f" {scene.where()}", "size"),
+            ):
                 asked = f"{a}{phrase} in the colour of {concept}{b}"
-                plain = f"{a}{shape} in the colour {colour}{b}"
+                plain = scene.framed_caption(leave_open=left)
                 if restate:
                     out.append((f"Generate an image of {asked}.", f"{ANSWER_LEAD} {plain}:"))
                 out.append((f"Describe {asked}.", f"{plain}."))
