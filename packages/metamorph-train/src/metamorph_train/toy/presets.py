@@ -54,13 +54,6 @@ class Preset:
     # 0.99, size 0.93, position 1.00, shape 0.17), and `eval` 73 s -> 21 s (cheaper sampling)
     decoder_patch: int = 2
     decoder_lr: float = 3e-3
-    # the small SigLIP: patch 8 at 32x32 gives the 4x4 token grid directly (no reduction).
-    # Measured alternative (session 4): 48x48 input in 16x16 patches, whose 3x3 grid is the
-    # world's grid of positions (9 tokens, one a cell), encodes shape far better (linear probe
-    # on the tokens 0.96 vs 0.38-0.43 here; position and size 1.00) but did worse end to end
-    # (quick preset: generation 0.000, token nearest neighbour 0.153, reconstruction 0.117 vs
-    # 0.013 / 0.207 / 0.153 with this encoder): the LLM predicts the lone object token poorly
-    # and the decoder draws background for it, while reconstructions stay blobs either way.
     # share of training generation requests that leave one attribute unsaid ("Draw a large
     # triangle at the top."); the answer names it in its restatement and draws it, so that
     # the drawing has to follow the restatement and not only the request's words. Measured
@@ -75,6 +68,17 @@ class Preset:
     # False (session 6): reasoning 0.010 (quick) / 0.007 (full); with True (session 7):
     # 0.140 / 0.233
     restate: bool = True
+    # the small SigLIP. Default (micro, quick): patch 8 at 32x32, a 4x4 token grid (16
+    # tokens) that cuts shapes across patches: its tokens tell square from circle about half
+    # the time (nearest scene prototype of fresh renders, shape 0.53-0.60), and a decoder
+    # draws the mean of the two. 48x48 input in 16x16 patches (``encoder_image=48,
+    # encoder_patch=16, num_tokens=9``, the full preset's): the 3x3 grid is the world's grid
+    # of positions, one whole shape a token; shape 0.92 by the same measure (session 8). It
+    # needs more VPiT steps to place the object in the right token (quick, session 8:
+    # generated tokens' nearest-scene position 0.41 after 700 steps, 0.86 after 1400) and
+    # does not help the quick preset, whose decoder still draws blobs after 1400 steps
+    # (seed 0, VPiT 700 steps: reconstruction 0.157 vs 0.167, generation 0.100 vs 0.137,
+    # understanding 0.745 vs 0.818)
     encoder_image: int = W.IMAGE_SIZE
     encoder_patch: int = 8
     encoder_hidden: int = 128
@@ -129,16 +133,26 @@ PRESETS = {
     ),
     "full": Preset(
         images=8000,
+        # the encoder whose 3x3 token grid is the world's grid of positions (see ``Preset``):
+        # session 8, seed 0, with the LM below and VPiT 2200 steps (stages after `decoder`
+        # rerun on one run): generation 0.42 -> 0.885, reasoning 0.23 -> 0.683,
+        # reconstruction 0.51 -> 0.909, understanding 0.85 -> 0.77, in 35 minutes
+        encoder_image=48,
+        encoder_patch=16,
+        num_tokens=9,
         encoder_steps=2000,
-        # patched: 4000 steps took 735 s of a 48 min 53 s run (session 6: generation 0.42,
-        # reconstruction 0.44); 6000 steps 1157 s of 56 min 28 s (session 7: reconstruction
-        # 0.51, generation still 0.42: the tuned decoder draws at 0.44)
+        # patched: 6000 steps took 1010-1157 s (sessions 7-8); with the 4x4 encoder the
+        # reconstructions stopped at 0.51 (squares drawn as circles: the tokens could not tell
+        # them apart), with the 3x3 one they reach 0.909
         decoder_steps=6000,
         decoder_channels=(32, 64, 64),
         lm_steps=1000,
-        lm_hidden=192,
-        lm_layers=6,
-        vpit_steps=2200,  # 1444 s (session 6); was 2500 (1988 s of session 4's 61-minute run)
+        # the quick preset's LM size: 192 x 6 layers learnt the 9 visual tokens worse at
+        # lr 2e-3 (session 8: VPiT visual loss 0.080 vs 0.027 at the end, generated tokens'
+        # nearest scene 0.048 vs 0.898, generation 0.026 vs 0.885) and took 2.5x as long
+        lm_hidden=128,
+        lm_layers=4,
+        vpit_steps=3000,  # 2200: 521 s (session 8, this LM and encoder)
         understanding=12000,
         generation=8000,
         text_repeats=8,
