@@ -152,7 +152,7 @@ PRESETS = {
         # nearest scene 0.048 vs 0.898, generation 0.026 vs 0.885) and took 2.5x as long
         lm_hidden=128,
         lm_layers=4,
-        vpit_steps=3000,  # 2200: 521 s (session 8, this LM and encoder)
+        vpit_steps=3000,  # 711 s (session 8; 2200 steps: 521 s)
         understanding=12000,
         generation=8000,
         text_repeats=8,
