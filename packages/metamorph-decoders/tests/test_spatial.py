@@ -121,6 +121,86 @@ def test_trains_saves_and_reloads(tmp_path):
         create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), spatial_channels=0)
 
 
+def test_detail_paints_each_tokens_own_pattern_over_its_patch():
+    d = 8  # a 2x2 grid of 8x8 patterns is exactly the 16x16 sample: no resizing
+    dec = spatial_decoder(spatial_detail=d)
+    assert dec.spatial.weight.shape == (K * d * d, 24)
+    tokens, _ = data()
+    grid = dec.spatial_map(tokens)
+    assert grid.shape == (4, K, 16, 16)
+    proj = (tokens @ dec.spatial.weight.T).reshape(4, 4, K, d, d)  # (b, n, K, d, d)
+    for n in range(4):
+        r, c = divmod(n, 2)
+        assert torch.allclose(grid[:, :, r * d : (r + 1) * d, c * d : (c + 1) * d], proj[:, n])
+    # a pattern, not a flat patch: pixels of one patch differ
+    assert grid[:, :, :8, :8].flatten(2).std(-1).min() > 0
+
+
+def test_detail_resized_to_the_sample_stays_local():
+    dec = create(
+        "decoder",
+        "sd-unet",
+        unet_config=tiny_unet_config(in_channels=3 + K),
+        token_dim=24,
+        num_tokens=9,  # 3x3 tokens of 6x6 patterns: an 18x18 map resized to 16x16
+        spatial_channels=K,
+        spatial_detail=6,
+    )
+    tokens = torch.randn(2, 9, 24)
+    grid = dec.spatial_map(tokens)
+    assert grid.shape == (2, K, 16, 16)
+    changed = tokens.clone()
+    changed[:, 0] += 1.0  # the top-left token: its patch and at most a pixel of bilinear bleed
+    diff = (dec.spatial_map(changed) - grid).abs().sum(dim=(0, 1))
+    assert diff[:5, :5].min() > 0
+    assert diff[7:].max() == 0 and diff[:, 7:].max() == 0
+
+
+def test_detail_is_saved_and_checked_on_reload(tmp_path):
+    dec = spatial_decoder(spatial_detail=3)
+    dec.save_pretrained(tmp_path / "dec")
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.spatial_detail == 3 and again.settings() == dec.settings()
+    assert torch.equal(again.spatial.weight, dec.spatial.weight)
+    with pytest.raises(CheckpointError, match="spatial_detail=3 but spatial_detail=1"):
+        create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), spatial_detail=1)
+
+
+def test_a_decoder_saved_before_spatial_detail_loads_flat(tmp_path):
+    import json
+
+    dec = spatial_decoder()
+    dec.save_pretrained(tmp_path / "dec")
+    path = tmp_path / "dec" / "config.json"
+    config = json.loads(path.read_text())
+    del config["spatial_detail"]  # as written before the option existed
+    path.write_text(json.dumps(config))
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.spatial_detail == 1
+    tokens, _ = data()
+    assert torch.equal(again.spatial_map(tokens), dec.spatial_map(tokens))
+
+
+@pytest.mark.parametrize(
+    "spatial, detail, message",
+    [
+        (K, 0, "spatial_detail must be >= 1"),
+        (0, 2, r"spatial_detail=2 shapes the spatial conditioning map, which is off"),
+    ],
+)
+def test_bad_detail_is_named(spatial, detail, message):
+    with pytest.raises(ValueError, match=message):
+        create(
+            "decoder",
+            "sd-unet",
+            unet_config=tiny_unet_config(in_channels=3 + spatial),
+            token_dim=24,
+            num_tokens=4,
+            spatial_channels=spatial,
+            spatial_detail=detail,
+        )
+
+
 @pytest.mark.parametrize(
     "in_channels, num_tokens, spatial, message",
     [

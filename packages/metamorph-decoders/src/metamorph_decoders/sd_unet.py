@@ -23,8 +23,14 @@ input, as InstructPix2Pix conditions on an image. Every position then sees its o
 token, which a small UNet with cross-attention only at its lowest resolution learns slowly.
 Conditioning dropout and the unconditional branch zero this map with the context. A pretrained
 UNet without those input channels gets them as InstructPix2Pix does: ``conv_in`` widened with
-zero weights, so it starts out computing exactly what it did (logged). (Measured on the toy
-world: a per-pixel linear "unpatchify" of each token, MAE-style, was worse at equal steps.)
+zero weights, so it starts out computing exactly what it did (logged).
+
+``spatial_detail`` d (default 1, the flat map above) gives each token a learned d x d pattern
+of those channels over its patch instead of one value: a linear "unpatchify" at a coarse
+resolution, the (grid*d)^2 map resized bilinearly to the sample. Measured on the toy world
+(9 tokens, one shape a token; 1400 steps of a small pixel UNet): reconstructions' shape right
+0.34 at d=6 vs 0.14 at d=1 (see ``metamorph_train.toy.presets``); a per-pixel unpatchify of
+16 tokens, MAE-style, was worse than d=1 at equal steps.
 
 Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent mode),
 ``scheduler/``, ``adapter.safetensors`` and ``config.json`` (the decoder's settings).
@@ -89,6 +95,7 @@ class DiffusionDecoder(VisualDecoder):
         null_conditioning: str | None = None,
         reshape_cross_attention: bool = False,
         spatial_channels: int | None = None,
+        spatial_detail: int | None = None,
         patch_size: int | None = None,
         snr_gamma: float | None = None,
         token_noise: float | None = None,
@@ -121,6 +128,7 @@ class DiffusionDecoder(VisualDecoder):
             "null_conditioning": null_conditioning,
             "prediction_type": _prediction_type(prediction_type) if prediction_type else None,
             "spatial_channels": spatial_channels,
+            "spatial_detail": spatial_detail,
             "patch_size": patch_size,
         }
         conf = _resolve(given, saved, root)
@@ -151,6 +159,16 @@ class DiffusionDecoder(VisualDecoder):
         self.spatial_channels = int(conf["spatial_channels"])
         if self.spatial_channels < 0:
             raise ValueError(f"spatial_channels must be >= 0, got {self.spatial_channels}")
+        self.spatial_detail = int(conf["spatial_detail"])
+        if self.spatial_detail < 1:
+            raise ValueError(
+                f"spatial_detail must be >= 1 (1: one value per patch), got {self.spatial_detail}"
+            )
+        if self.spatial_detail > 1 and not self.spatial_channels:
+            raise ValueError(
+                f"spatial_detail={self.spatial_detail} shapes the spatial conditioning map, which "
+                "is off (spatial_channels=0); set spatial_channels > 0 or drop spatial_detail"
+            )
         self.patch_size = int(conf["patch_size"])
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1 (1: no patching), got {self.patch_size}")
@@ -178,7 +196,9 @@ class DiffusionDecoder(VisualDecoder):
             else:
                 self.unet = UNet2DConditionModel.from_config(unet_cfg)
             self.spatial = (
-                SpatialMap(self.token_dim, self.spatial_channels, self.num_tokens)
+                SpatialMap(
+                    self.token_dim, self.spatial_channels, self.num_tokens, self.spatial_detail
+                )
                 if self.spatial_channels
                 else None
             )
@@ -511,6 +531,7 @@ class DiffusionDecoder(VisualDecoder):
             "token_noise": self.token_noise,
             "null_conditioning": self.null_conditioning,
             "spatial_channels": self.spatial_channels,
+            "spatial_detail": self.spatial_detail,
             "patch_size": self.patch_size,
             "dtype": dtype_name(self.unet.dtype),
         }
@@ -557,6 +578,7 @@ _DEFAULTS = {
     "token_dim": None,
     "num_tokens": None,
     "spatial_channels": 0,
+    "spatial_detail": 1,
     "patch_size": 1,
 }
 

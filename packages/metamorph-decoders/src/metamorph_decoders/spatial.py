@@ -1,6 +1,6 @@
-"""Spatial conditioning for ``sd-unet`` (option ``spatial_channels``): a square grid of visual
-tokens laid over the UNet's input, each token over its own patch, as extra input channels
-(InstructPix2Pix-style concatenation)."""
+"""Spatial conditioning for ``sd-unet`` (options ``spatial_channels`` and ``spatial_detail``): a
+square grid of visual tokens laid over the UNet's input, each token over its own patch, as extra
+input channels (InstructPix2Pix-style concatenation)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 logger = logging.getLogger("metamorph")
 
 
 class SpatialMap(torch.nn.Linear):
-    """A linear map of each token to ``channels`` channels (no bias), laid out on the token grid
-    and upsampled (nearest) to the sample size. ``weight`` is what the decoder saves."""
+    """A linear map of each token to a ``detail`` x ``detail`` pattern of ``channels`` channels
+    (no bias), laid out on the token grid and resized to the sample size. ``detail`` 1: one
+    value per channel and token, upsampled nearest (each patch flat). ``detail`` d > 1: each
+    token paints its own learned d x d pattern over its patch (a linear "unpatchify" at a
+    coarse resolution), the ``(grid*d)^2`` map resized bilinearly to the sample. ``weight``
+    (``channels * detail**2`` rows) is what the decoder saves."""
 
-    def __init__(self, token_dim: int, channels: int, num_tokens: int) -> None:
-        super().__init__(token_dim, channels, bias=False)
+    def __init__(self, token_dim: int, channels: int, num_tokens: int, detail: int = 1) -> None:
+        if detail < 1:
+            raise ValueError(f"spatial_detail must be >= 1 (1: one value per patch), got {detail}")
+        super().__init__(token_dim, channels * detail * detail, bias=False)
+        self.channels, self.detail = channels, detail
         self.num_tokens, self.grid = num_tokens, _token_grid(num_tokens)
 
     def layout(self, tokens: torch.Tensor, side: int) -> torch.Tensor:
@@ -28,9 +36,15 @@ class SpatialMap(torch.nn.Linear):
                 f"spatial conditioning needs the {self.num_tokens} tokens of a "
                 f"{self.grid}x{self.grid} grid, got {tokens.shape[1]}"
             )
-        grid = self(tokens.to(self.weight.device, self.weight.dtype))  # (b, n, k)
-        grid = grid.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid, self.grid)
-        return F.interpolate(grid, size=(side, side), mode="nearest")
+        out = self(tokens.to(self.weight.device, self.weight.dtype))  # (b, n, k d d)
+        g, d = self.grid, self.detail
+        if d == 1:
+            grid = out.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+            return F.interpolate(grid, size=(side, side), mode="nearest")
+        grid = rearrange(out, "b (gh gw) (k dh dw) -> b k (gh dh) (gw dw)", gh=g, dh=d, dw=d)
+        if grid.shape[-1] == side:
+            return grid
+        return F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
 
 
 def widen_conv_in(unet: Any, channels: int) -> None:
