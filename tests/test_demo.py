@@ -53,6 +53,9 @@ def test_micro_demo_runs_every_stage_and_learns(tmp_path):
     cos = metrics["visual_token_cosine"]
     assert -1.0 <= cos["value"] <= 1.0 and -1.0 <= cos["mean_token_baseline"] <= 1.0
     understanding = metrics["understanding_accuracy"]  # measured 0.52 (CI 0.42-0.62)
+    asked = understanding["per_attribute"]  # by the attribute asked about, asked equally often
+    assert set(asked) == {"shape", "colour", "size", "position"}
+    assert abs(sum(asked.values()) / 4 - understanding["value"]) < 1e-9, asked
     assert understanding["ci95"][0] > understanding["chance"], understanding
     judge = metrics["judge_accuracy"]
     assert judge["ci95"][0] > 0.5, judge  # measured 0.87 (CI 0.83-0.90) at 80 judge steps

@@ -314,6 +314,7 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                             "adapter": {"name": "mlp", "kwargs": {"hidden_dims": [128]}},
                             "context_length": preset.num_tokens,
                             "spatial_channels": preset.decoder_spatial,
+                            "spatial_detail": preset.decoder_spatial_detail,
                             "patch_size": patch,
                             "prediction_type": "sample",
                             "cond_dropout": 0.1,

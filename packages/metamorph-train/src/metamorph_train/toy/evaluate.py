@@ -99,6 +99,7 @@ class Evaluator:
             attribute = W.ATTRIBUTES[k % len(W.ATTRIBUTES)]
             items.append((W.render(s, self.rng), attribute, W.answer(s, attribute)))
         right, shown = 0, []
+        asked: dict[str, list[bool]] = {a: [] for a in W.ATTRIBUTES}
         for batch in _batches(items, 32):
             convs = [
                 Conversation(
@@ -110,10 +111,13 @@ class Evaluator:
             for (img, a, truth), r in zip(batch, results, strict=True):
                 said = r.text.strip().strip(".").lower()
                 right += said == truth
+                asked[a].append(said == truth)
                 shown.append((img, W.QUESTIONS[a], said, truth))
         values = {"shape": W.SHAPES, "colour": W.COLOURS, "size": W.SIZES, "position": W.POSITIONS}
         chance = float(np.mean([1 / len(values[W.ATTRIBUTES[k % 4]]) for k in range(len(items))]))
-        return _metric(right, len(items), chance), shown
+        metric = _metric(right, len(items), chance)
+        metric["per_attribute"] = {a: float(np.mean(v)) for a, v in asked.items() if v}
+        return metric, shown
 
     def generate(self, prompts: list[str]) -> tuple[Any, list[str | None]]:
         """Answers to generation requests, as the world's answers go: the model restates the
@@ -307,7 +311,12 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
         if isinstance(m, dict) and "per_attribute" in m
     }
     if per:
-        lines += ["", "Judged right in each attribute alone:", ""]
+        lines += [
+            "",
+            "Right in each attribute alone (understanding: by the attribute the question asks "
+            "about; the others: judged from pixels):",
+            "",
+        ]
         lines += ["| metric | " + " | ".join(W.ATTRIBUTES) + " |", "|---" * 5 + "|"]
         lines += [
             f"| {k} | " + " | ".join(f"{v[a]:.3f}" for a in W.ATTRIBUTES) + " |"

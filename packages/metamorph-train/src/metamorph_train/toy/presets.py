@@ -35,6 +35,11 @@ class Preset:
     # the decoder's local conditioning path (``sd-unet`` option ``spatial_channels``); measured
     # at 300 steps: position 0.985 and size 0.77 right vs 0.855 and 0.64 after 700 steps without
     decoder_spatial: int = 16
+    # each token's learned d x d pattern over its cell in that map (``sd-unet`` option
+    # ``spatial_detail``; 1: one value a cell). Measured on the 3x3-token encoder (quick
+    # sizes, seed 0, session 8; 300 held-out scenes' ground-truth tokens, judged): 1400 steps
+    # reconstruct 0.320 all right (shape 0.34) at d=6 vs 0.137 (shape 0.14) at d=1
+    decoder_spatial_detail: int = 1
     # noise conditioning augmentation of the decoder's tokens (``sd-unet`` option
     # ``token_noise``); measured on the quick preset's VPiT tokens (150 held-out prompts,
     # judged): colour right 0.60 -> 0.82, size 0.50 -> 0.82; reconstructions unchanged
@@ -60,7 +65,11 @@ class Preset:
     # (quick, seed 0, session 7) at 0.25: reasoning 0.140 -> 0.120 (colour 0.905 -> 0.920,
     # restatements 1.00 -> 0.94), generation 0.137 -> 0.107: no gain at this scale, where the
     # drawing's colour already follows; meant for the full preset's reasoning colour (0.64
-    # vs generation's 0.99), not measured there
+    # vs generation's 0.99). Full preset (session 9, seed 0, world/cache/VPiT/eval rerun on its
+    # run; the other stages' inputs do not change): 0.25 lifts reasoning 0.667 -> 0.917 (its
+    # drawings' shape 0.687 -> 0.917: a request's concept words no longer pull the drawing,
+    # which follows the restatement), generation 0.930 -> 0.965, restatements 0.990 -> 0.957;
+    # 0.5 overshoots (restatements 0.597: the model invents size and position)
     open_requests: float = 0.0
     # answers restate the request before the image ("Here is a large triangle in the colour
     # green at the top: <image>"), and reasoning is resolved in that text; False: the paper's
@@ -114,13 +123,29 @@ PRESETS = {
     ),
     "quick": Preset(
         images=3000,
+        # the full preset's encoder (3x3 tokens, one cell a token) and a decoder that gives each
+        # token a learned 6x6 pattern over its cell (see ``Preset``): measured (session 9, seed
+        # 0, end to end with 1300 decoder and VPiT steps) against the 4x4-token preset:
+        # generation 0.137 -> 0.330, reasoning 0.140 -> 0.375, reconstruction 0.167 -> 0.310,
+        # understanding 0.818 -> 0.767 (with 9 tokens the LLM answers "where" at chance, 0.13;
+        # shape, colour and size 0.94-1.00; BENCHMARKS.md has the diagnosis)
+        encoder_image=48,
+        encoder_patch=16,
+        num_tokens=9,
         encoder_steps=800,
-        decoder_steps=1400,  # patched (decoder_patch): 259 s of a 10 min 56 s run (seed 0)
+        # 1300 steps: 250 s (session 9's run, 12 min 27 s wall with VPiT 1300); 1200: 224 s
+        decoder_steps=1200,
+        decoder_spatial_detail=6,
         decoder_channels=(32, 64, 64),
         lm_steps=300,
         lm_hidden=128,
         lm_layers=4,
-        vpit_steps=700,
+        # the 3x3 encoder needs ~1400 VPiT steps to place the object in the right token
+        # (generated tokens' nearest-scene position 0.41 after 700 steps, 0.86 after 1400)
+        # 1300 steps: 315 s (session 9, a slow hour); 1150 steps (with decoder 1200): 242 s,
+        # 630 s of stages in all, but reasoning 0.375 -> 0.255 (its drawings' colour 0.89 ->
+        # 0.73, size 0.87 -> 0.72) and generation 0.330 -> 0.300
+        vpit_steps=1300,
         understanding=4000,
         generation=3000,
         text_repeats=4,
@@ -129,7 +154,8 @@ PRESETS = {
         generation_test=300,
         reasoning_test=200,
         sample_steps=10,
-        decoder_tune_steps=400,  # 200 were not enough for seed 2 (judged position 0.28 vs 0.96)
+        # no ``tune`` stage (as in the full preset); it cost 62-79 s of the budget
+        decoder_tune_steps=0,
     ),
     "full": Preset(
         images=8000,
@@ -166,6 +192,7 @@ PRESETS = {
         # `runs/demo-full8` evaluated both ways: generation 0.935 vs 0.863, reasoning 0.673 vs
         # 0.620), and the stages cost 135 s
         decoder_tune_steps=0,
+        open_requests=0.25,  # reasoning 0.667 -> 0.917 (see ``Preset``)
     ),
 }
 
