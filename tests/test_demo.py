@@ -4,12 +4,19 @@ and understanding and the judge are clearly above their chance baselines."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from metamorph_train.cli import main as cli
-from metamorph_train.toy.demo import remove_demo_run
+from metamorph_train.toy.demo import (
+    PRESETS,
+    Options,
+    _finished_run,
+    remove_demo_run,
+    run_demo,
+)
 
 STAGES = (
     "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",
@@ -26,9 +33,15 @@ METRICS = (
 )
 
 
-def test_micro_demo_runs_every_stage_and_learns(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro") / "demo"
     assert cli(["demo", "--preset", "micro", "--out", str(out)]) == 0
+    return out
+
+
+def test_micro_demo_runs_every_stage_and_learns(micro_run):
+    out = micro_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(STAGES) <= set(metrics["seconds"])
     for stage in ("encoder", "decoder", "lm", "vpit", "decoder-tuned"):
@@ -85,3 +98,37 @@ def test_overwrite_replaces_only_a_demo_run(tmp_path, capsys):
     assert "notes.txt" in capsys.readouterr().err and (mine / "notes.txt").exists()
     assert cli(["demo", "--ablation", "--overwrite", "--out", str(mine)]) == 2
     assert "--ablation" in capsys.readouterr().err
+
+
+def test_a_run_reuses_what_its_data_leaves_unchanged(micro_run, tmp_path):
+    """The ablation's later conditions copy the first one's judge, encoder and decoder (their
+    data is the same file for file) and train what differs: here the language model, whose
+    text loses the facts."""
+    out = tmp_path / "no-facts"
+    m = run_demo("micro", out, Options(seed=0, text_facts=False), reuse=micro_run)
+    assert m["reused"]["stages"] == ["decoder", "encoder", "judge"]
+    assert "center" not in m["seconds"] and {"lm", "vpit", "eval"} <= set(m["seconds"])
+    for entry in ("encoder/token_mean.safetensors", "decoder/final/config.json"):
+        assert (out / entry).read_bytes() == (micro_run / entry).read_bytes(), entry
+    assert (out / "lm" / "final").is_dir()
+    assert json.loads((out / "metrics.json").read_text())["run"]["text_facts"] is False
+    other_seed = tmp_path / "seed-1"
+    with pytest.raises(ValueError, match="seed"):
+        run_demo("micro", other_seed, Options(seed=1), reuse=micro_run)
+
+
+def test_an_ablation_reads_back_finished_runs_and_redoes_unfinished_ones(tmp_path):
+    logged = []
+    preset, options = PRESETS["micro"], Options(seed=3, generation=25)
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "vpit").mkdir(parents=True)
+    assert _finished_run(unfinished, preset, options, logged.append) is None
+    assert not unfinished.exists() and "unfinished run" in logged[-1]
+
+    done = tmp_path / "done"
+    done.mkdir()
+    run = {**dataclasses.asdict(preset), **dataclasses.asdict(options), "preset": "micro"}
+    (done / "metrics.json").write_text(json.dumps({"run": run, "generation_accuracy": {}}))
+    assert _finished_run(done, preset, options, logged.append)["run"]["seed"] == 3
+    with pytest.raises(FileExistsError, match="generation"):
+        _finished_run(done, preset, Options(seed=3), logged.append)

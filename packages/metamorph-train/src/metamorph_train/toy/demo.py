@@ -483,13 +483,60 @@ def remove_demo_run(out: str | Path) -> None:
     shutil.rmtree(out)
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
+def reusable_stages(out: Path, earlier: Path, preset: Preset, options: Options) -> set[str]:
+    """The stages of ``earlier``, a finished demo run, that a run into ``out`` (whose world is
+    written) may copy: ``judge`` (a function of the seed and preset), ``encoder`` (with its
+    token mean) and ``decoder`` when the image-caption pairs and decoder images are the same
+    file for file, and ``lm`` when the language model's text is the same. Raises when
+    ``earlier`` is not a finished run of the same preset and seed, or its images differ."""
+    record = earlier / "metrics.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"'{earlier}' holds no finished demo run (no metrics.json)")
+    run = json.loads(record.read_text())["run"]
+    # the preset's fields (less those the options override, as the ablation's generation
+    # count) and the seed: what the copied stages and their data depend on
+    fixed = {k: v for k, v in asdict(preset).items() if k not in asdict(options)}
+    wanted = json.loads(json.dumps({**fixed, "seed": options.seed}))
+    differ = sorted(k for k, v in wanted.items() if run.get(k) != v)
+    if differ:
+        raise ValueError(
+            f"'{earlier}' is a run with other settings ({', '.join(differ[:5])}); reuse needs "
+            "one of the same preset and seed"
+        )
+    for name in ("pairs", "decoder"):
+        rows = [json.loads(x) for x in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
+        files = [Path("data") / f"{name}.jsonl"] + [Path("data/images") / r["image"] for r in rows]
+        changed = next((f for f in files if not _same_bytes(out / f, earlier / f)), None)
+        if changed is not None:
+            raise ValueError(
+                f"'{earlier / changed}' differs from this run's '{out / changed}': the encoder "
+                "and decoder of that run were trained on other data and cannot be reused"
+            )
+    stages = {"judge", "encoder", "decoder"}
+    if _same_bytes(out / "data" / "lm_text.jsonl", earlier / "data" / "lm_text.jsonl"):
+        stages.add("lm")
+    return stages
+
+
 def run_demo(
     preset: str | Preset = "quick",
     out: str | Path = "runs/demo",
     options: Options | None = None,
     log: Callable[[str], None] = print,
+    reuse: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every stage into ``out``; returns the metrics (also in ``out/metrics.json``)."""
+    """Run every stage into ``out``; returns the metrics (also in ``out/metrics.json``).
+
+    ``reuse``: a finished run of the same preset and seed (the ablation's first condition)
+    whose judge, encoder and decoder, and language model where this run's text for it is the
+    same, are copied instead of trained. They depend only on data both runs render alike, which
+    is checked file by file before anything is copied (:func:`reusable_stages`)."""
+    import shutil
+
     import torch
 
     from metamorph_train.toy.judge import Judge, train_judge, validate_judge
@@ -511,20 +558,36 @@ def run_demo(
     world = clock.run("world", lambda: write_world(out, preset, options), log)
     files = {**world["files"], "images": world["images"]}
     judge_dir = out / "judge"
+    source = Path(reuse) if reuse is not None else None
+    reused = reusable_stages(out, source, preset, options) if source is not None else set()
+
+    def copied(entry: str) -> Callable[[], Any]:
+        return lambda: shutil.copytree(source / entry, out / entry)  # type: ignore[operator]
 
     def make_judge() -> Any:
-        judge = train_judge(seed=options.seed, steps=preset.judge_steps)
-        judge.save(judge_dir)
+        if "judge" in reused:
+            copied("judge")()
+        else:
+            train_judge(seed=options.seed, steps=preset.judge_steps).save(judge_dir)
         return Judge.load(judge_dir)
 
     judge = clock.run("judge", make_judge, log)
     validation = validate_judge(judge, seed=options.seed + 1)
     seed = options.seed
-    clock.run("encoder", lambda: train_encoder(out, preset, files, seed), log)
-    clock.run("center", lambda: center_encoder(out, preset, files), log)
+    if "encoder" in reused:  # the trained encoder and its token mean (stage ``center``)
+        clock.run("encoder", copied("encoder"), log)
+    else:
+        clock.run("encoder", lambda: train_encoder(out, preset, files, seed), log)
+        clock.run("center", lambda: center_encoder(out, preset, files), log)
     clock.run("cache", lambda: cache_features(out, preset, files), log)
-    clock.run("decoder", lambda: train_decoder(out, preset, files, seed), log)
-    clock.run("lm", lambda: train_lm(out, preset, files, seed), log)
+    if "decoder" in reused:
+        clock.run("decoder", copied("decoder"), log)
+    else:
+        clock.run("decoder", lambda: train_decoder(out, preset, files, seed), log)
+    if "lm" in reused:
+        clock.run("lm", copied("lm"), log)
+    else:
+        clock.run("lm", lambda: train_lm(out, preset, files, seed), log)
     clock.run("vpit", lambda: train_vpit(out, preset, files, seed), log)
     if preset.decoder_tune_steps:
         clock.run("predict", lambda: predict_tokens(out, files), log)
@@ -542,6 +605,8 @@ def run_demo(
     metrics["judge_validation"] = validation
     metrics["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 2)}
     metrics["run"] = {"preset": name, **asdict(preset), **asdict(options)}
+    if reused:
+        metrics["reused"] = {"from": str(reuse), "stages": sorted(reused)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     write_report(out, metrics, report)
     log(f"[demo] report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
@@ -565,17 +630,26 @@ def run_ablation(
     """The paper's findings on the toy world, over ``seeds``: generation accuracy with and
     without understanding data at equal (low) generation data, and reasoning accuracy with and
     without the text-only facts (removed from language-model pretraining and from VPiT). Each
-    condition is a whole run (every stage) in ``out/seed-N/CONDITION``."""
+    condition is a run in ``out/seed-N/CONDITION``; the first condition of a seed trains every
+    stage and the others copy its judge, encoder and decoder (and its language model where their
+    text is the same): their data is the same, checked file by file. A condition whose run
+    finished earlier is read back, not rerun, so an interrupted ablation resumes; an unfinished
+    one is removed and run again."""
     base = PRESETS[preset]
     low = max(base.generation // 10, 16)
     results: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
+        first: Path | None = None
         for condition, switches in ABLATIONS.items():
             options = Options(seed=seed, generation=low, **switches)
-            m = run_demo(base, Path(out) / f"seed-{seed}" / condition, options, log)
-            row = results.setdefault(condition, {"generation": [], "reasoning": []})
-            row["generation"].append(m["generation_accuracy"]["value"])
-            row["reasoning"].append(m["reasoning_generation_accuracy"]["value"])
+            run_dir = Path(out) / f"seed-{seed}" / condition
+            m = _finished_run(run_dir, base, options, log)
+            if m is None:
+                m = run_demo(preset, run_dir, options, log, reuse=first)
+            first = first or run_dir
+            row = results.setdefault(condition, {k: [] for k in _ABLATION_METRICS})
+            for key, metric in _ABLATION_METRICS.items():
+                row[key].append(m[metric]["value"])
     summary = {
         "preset": preset,
         "seeds": list(seeds),
@@ -594,12 +668,45 @@ def run_ablation(
     return summary
 
 
+_ABLATION_METRICS = {  # summary key -> metrics.json entry
+    "generation": "generation_accuracy",
+    "reasoning": "reasoning_generation_accuracy",
+    # the generated tokens' nearest scene: generation without the decoder's drawing in the way
+    "tokens": "token_nearest_neighbour_accuracy",
+    "understanding": "understanding_accuracy",
+}
+
+
+def _finished_run(
+    run_dir: Path, preset: Preset, options: Options, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The metrics of a run finished earlier in ``run_dir`` with these settings; None (after
+    removing what an interrupted run left there) when there is none."""
+    record = run_dir / "metrics.json"
+    if not record.is_file():
+        if run_dir.exists():
+            log(f"[demo] {run_dir}: an unfinished run, removed and run again")
+            remove_demo_run(run_dir)
+        return None
+    metrics = json.loads(record.read_text())
+    wanted = json.loads(json.dumps({**asdict(preset), **asdict(options)}))
+    differ = sorted(k for k, v in wanted.items() if metrics["run"].get(k) != v)
+    if differ:
+        raise FileExistsError(
+            f"'{run_dir}' holds a run with other settings ({', '.join(differ[:5])}); "
+            "pick a new --out for this ablation"
+        )
+    log(f"[demo] {run_dir}: finished earlier, its metrics read back")
+    return metrics
+
+
 __all__ = [
     "ABLATIONS",
     "PRESETS",
     "Options",
     "Preset",
     "remove_demo_run",
+    "reusable_stages",
     "run_ablation",
     "run_demo",
 ]
