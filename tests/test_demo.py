@@ -4,19 +4,21 @@ and understanding and the judge are clearly above their chance baselines."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
 from metamorph_train.cli import main as cli
 from metamorph_train.toy.demo import (
+    ABLATIONS,
     PRESETS,
     Options,
     _finished_run,
+    ablation_vpit_steps,
     remove_demo_run,
     run_demo,
 )
+from metamorph_train.toy.presets import run_record
 
 STAGES = (
     "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",
@@ -127,8 +129,17 @@ def test_an_ablation_reads_back_finished_runs_and_redoes_unfinished_ones(tmp_pat
 
     done = tmp_path / "done"
     done.mkdir()
-    run = {**dataclasses.asdict(preset), **dataclasses.asdict(options), "preset": "micro"}
+    run = {**run_record(preset, options), "preset": "micro"}  # as run_demo records it
+    assert run["generation"] == 25 and run["vpit_steps"] == preset.vpit_steps
     (done / "metrics.json").write_text(json.dumps({"run": run, "generation_accuracy": {}}))
     assert _finished_run(done, preset, options, logged.append)["run"]["seed"] == 3
     with pytest.raises(FileExistsError, match="generation"):
         _finished_run(done, preset, Options(seed=3), logged.append)
+
+
+def test_ablation_conditions_draw_the_same_generation_conversations():
+    # quick: 1300 steps draw 1300 * 2/5 = 520 generation batches with every source (weights
+    # understanding 2, generation 2, text 1); 520 / (2/3) without understanding, / (2/4) without
+    # the text-only facts
+    steps = {c: ablation_vpit_steps(1300, s) for c, s in ABLATIONS.items()}
+    assert steps == {"all_data": 1300, "no_understanding": 780, "no_text_facts": 1040}

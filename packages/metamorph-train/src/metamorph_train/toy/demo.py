@@ -33,7 +33,7 @@ from PIL import Image
 
 from metamorph_train.toy import world as W
 from metamorph_train.toy.evaluate import evaluate, to_pixels, write_report
-from metamorph_train.toy.presets import PRESETS, Options, Preset
+from metamorph_train.toy.presets import PRESETS, Options, Preset, run_record
 
 
 @dataclass
@@ -369,9 +369,13 @@ def train_lm(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> No
     )
 
 
-def train_vpit(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
+# VPiT's data mixture: each source is drawn with probability proportional to its weight
+VPIT_WEIGHTS = {"understanding": 2.0, "generation": 2.0, "text": 1.0}
+
+
+def train_vpit(out: Path, preset: Preset, files: dict[str, Path], seed: int, steps: int) -> None:
     sources = []
-    for name, weight in (("understanding", 2.0), ("generation", 2.0), ("text", 1.0)):
+    for name, weight in VPIT_WEIGHTS.items():
         if files[name].stat().st_size:
             sources.append(
                 {
@@ -399,7 +403,7 @@ def train_vpit(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> 
                 "data": {"sources": sources, "feature_cache": str(out / "cache")},
                 "train": _train_section(
                     out / "vpit",
-                    preset.vpit_steps,
+                    steps,
                     preset.batch_size,
                     2e-3,
                     seed,
@@ -588,7 +592,8 @@ def run_demo(
         clock.run("lm", copied("lm"), log)
     else:
         clock.run("lm", lambda: train_lm(out, preset, files, seed), log)
-    clock.run("vpit", lambda: train_vpit(out, preset, files, seed), log)
+    steps = options.vpit_steps or preset.vpit_steps
+    clock.run("vpit", lambda: train_vpit(out, preset, files, seed, steps), log)
     if preset.decoder_tune_steps:
         clock.run("predict", lambda: predict_tokens(out, files), log)
         clock.run("tune", lambda: tune_decoder(out, preset, files, seed), log)
@@ -604,7 +609,7 @@ def run_demo(
     }
     metrics["judge_validation"] = validation
     metrics["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 2)}
-    metrics["run"] = {"preset": name, **asdict(preset), **asdict(options)}
+    metrics["run"] = {"preset": name, **run_record(preset, options)}
     if reused:
         metrics["reused"] = {"from": str(reuse), "stages": sorted(reused)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -632,16 +637,19 @@ def run_ablation(
     without the text-only facts (removed from language-model pretraining and from VPiT). Each
     condition is a run in ``out/seed-N/CONDITION``; the first condition of a seed trains every
     stage and the others copy its judge, encoder and decoder (and its language model where their
-    text is the same): their data is the same, checked file by file. A condition whose run
-    finished earlier is read back, not rerun, so an interrupted ablation resumes; an unfinished
-    one is removed and run again."""
+    text is the same): their data is the same, checked file by file. Every condition sees the
+    same number of generation conversations in VPiT (:func:`ablation_vpit_steps`): one without
+    a source trains fewer steps, so that it differs from the first only by that source's
+    batches. A condition whose run finished earlier is read back, not rerun, so an interrupted
+    ablation resumes; an unfinished one is removed and run again."""
     base = PRESETS[preset]
     low = max(base.generation // 10, 16)
     results: dict[str, dict[str, list[float]]] = {}
+    steps = {c: ablation_vpit_steps(base.vpit_steps, s) for c, s in ABLATIONS.items()}
     for seed in seeds:
         first: Path | None = None
         for condition, switches in ABLATIONS.items():
-            options = Options(seed=seed, generation=low, **switches)
+            options = Options(seed=seed, generation=low, vpit_steps=steps[condition], **switches)
             run_dir = Path(out) / f"seed-{seed}" / condition
             m = _finished_run(run_dir, base, options, log)
             if m is None:
@@ -654,6 +662,7 @@ def run_ablation(
         "preset": preset,
         "seeds": list(seeds),
         "generation_conversations": low,
+        "vpit_steps": steps,
         "conditions": {
             c: {
                 k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v}
@@ -666,6 +675,21 @@ def run_ablation(
     (Path(out) / "ablation.json").write_text(json.dumps(summary, indent=2))
     log(f"[demo] ablation summary: {Path(out) / 'ablation.json'}")
     return summary
+
+
+def ablation_vpit_steps(steps: int, switches: dict[str, bool]) -> int:
+    """VPiT steps for an ablation condition: ``steps`` scaled so that the expected number of
+    generation conversations drawn (``VPIT_WEIGHTS``' share of generation, times steps) is that
+    of a run with every source. Without understanding data (quick: 1300 -> 780 steps) the text
+    conversations drawn stay equal too; the run is the full one less its understanding
+    batches. At equal steps a run without a source would see more generation instead."""
+    present = {
+        "understanding": switches.get("understanding_data", True),
+        "generation": True,
+        "text": switches.get("text_facts", True),
+    }
+    share = VPIT_WEIGHTS["generation"] / sum(w for n, w in VPIT_WEIGHTS.items() if present[n])
+    return round(steps * (VPIT_WEIGHTS["generation"] / sum(VPIT_WEIGHTS.values())) / share)
 
 
 _ABLATION_METRICS = {  # summary key -> metrics.json entry
@@ -689,7 +713,7 @@ def _finished_run(
             remove_demo_run(run_dir)
         return None
     metrics = json.loads(record.read_text())
-    wanted = json.loads(json.dumps({**asdict(preset), **asdict(options)}))
+    wanted = json.loads(json.dumps(run_record(preset, options)))
     differ = sorted(k for k, v in wanted.items() if metrics["run"].get(k) != v)
     if differ:
         raise FileExistsError(
@@ -702,6 +726,8 @@ def _finished_run(
 
 __all__ = [
     "ABLATIONS",
+    "VPIT_WEIGHTS",
+    "ablation_vpit_steps",
     "PRESETS",
     "Options",
     "Preset",

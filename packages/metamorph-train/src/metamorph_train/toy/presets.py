@@ -3,7 +3,7 @@ of one preset. Comments give the measurements behind the settings; BENCHMARKS.md
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from metamorph_train.toy import world as W
 
@@ -205,6 +205,14 @@ class Options:
     understanding_data: bool = True
     text_facts: bool = True
     generation: int | None = None  # override the preset's generation conversations
+    vpit_steps: int | None = None  # override the preset's VPiT steps
 
 
-__all__ = ["PRESETS", "Options", "Preset"]
+def run_record(preset: Preset, options: Options) -> dict:
+    """The settings a run records (``metrics.json`` "run"): the preset's, with what the options
+    override."""
+    overrides = {k: v for k, v in asdict(options).items() if v is not None}
+    return {**asdict(preset), **overrides}
+
+
+__all__ = ["PRESETS", "Options", "Preset", "run_record"]
