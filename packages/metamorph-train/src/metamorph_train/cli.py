@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--ablation",
         action="store_true",
-        help="the paper's findings over --seeds: with/without understanding data and text facts",
+        help="the paper's findings over --seeds: with/without understanding data and text "
+        "facts (a run per seed and condition in --out; run again to resume)",
     )
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     d.set_defaults(func=_cmd_demo)
