@@ -46,6 +46,11 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     out = micro_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(STAGES) <= set(metrics["seconds"])
+    budget = metrics["seconds_budget"]  # recorded beside the seconds, never enforced
+    assert set(STAGES) <= set(budget) and budget["total"] == sum(
+        PRESETS["micro"].stage_budget_s.values()
+    )
+    assert set(metrics["over_budget"]) <= set(STAGES)
     for stage in ("encoder", "decoder", "lm", "vpit", "decoder-tuned"):
         assert (out / stage / "final").is_dir(), stage
     predicted = json.loads((out / "cache-predicted" / "cache_config.json").read_text())
@@ -75,7 +80,7 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     judge = metrics["judge_accuracy"]
     assert judge["ci95"][0] > 0.5, judge  # measured 0.87 (CI 0.83-0.90) at 80 judge steps
     report = (out / "report.md").read_text()
-    assert "understanding_accuracy" in report
+    assert "understanding_accuracy" in report and "Budget per stage" in report
     for grid in ("generation.png", "reasoning.png", "understanding.png"):
         assert (out / grid).is_file() and grid in report
 

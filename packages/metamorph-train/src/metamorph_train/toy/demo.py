@@ -609,6 +609,15 @@ def run_demo(
     }
     metrics["judge_validation"] = validation
     metrics["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 2)}
+    if preset.stage_budget_s:
+        budget = preset.stage_budget_s
+        metrics["seconds_budget"] = {**budget, "total": sum(budget.values())}
+        metrics["over_budget"] = [k for k, v in clock.seconds.items() if v > budget.get(k, 0.0)]
+        for k in metrics["over_budget"]:
+            log(
+                f"[demo] stage {k} took {clock.seconds[k]:.0f} s, over its budget of "
+                f"{budget.get(k, 0.0):.0f} s (the preset was sized on a 2-core CPU)"
+            )
     metrics["run"] = {"preset": name, **run_record(preset, options)}
     if reused:
         metrics["reused"] = {"from": str(reuse), "stages": sorted(reused)}

@@ -325,8 +325,16 @@ def write_report(out: Path, metrics: dict[str, Any], report: dict[str, Any]) -> 
     lines += [
         "",
         "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()),
-        "",
     ]
+    if "seconds_budget" in metrics:
+        over = metrics["over_budget"]
+        lines += [
+            "",
+            "Budget per stage (seconds): "
+            + ", ".join(f"{k} {v}" for k, v in metrics["seconds_budget"].items())
+            + (f"; over budget: {', '.join(over)}" if over else "; every stage within it"),
+        ]
+    lines.append("")
     for key, title in (
         ("generation", "Generation (held-out scenes)"),
         ("reasoning", "Reasoning into generation"),

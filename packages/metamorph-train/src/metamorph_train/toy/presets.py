@@ -96,6 +96,10 @@ class Preset:
     num_tokens: int = 16
     batch_size: int = 32
     held_out: float = 0.35
+    # seconds each stage is allowed on the 2-core CPU the preset was sized on: a run records
+    # them beside what each stage took (``metrics.json`` "seconds_budget", "over_budget") and
+    # says which stage ran over; nothing is cut short (a slower machine gets the same result)
+    stage_budget_s: dict[str, float] | None = None
 
 
 PRESETS = {
@@ -118,6 +122,20 @@ PRESETS = {
         reasoning_test=24,
         sample_steps=4,
         decoder_tune_steps=5,  # the stages run; too few steps to matter
+        # measured (session 10): 31 s of stages (judge 5.7, encoder 7.1, vpit 10.3)
+        stage_budget_s={
+            "world": 3,
+            "judge": 8,
+            "encoder": 10,
+            "center": 1,
+            "cache": 2,
+            "decoder": 4,
+            "lm": 4,
+            "vpit": 14,
+            "predict": 1,
+            "tune": 2,
+            "eval": 3,
+        },  # fmt: skip
         batch_size=16,
         encoder_batch=32,
     ),
@@ -156,6 +174,20 @@ PRESETS = {
         sample_steps=10,
         # no ``tune`` stage (as in the full preset); it cost 62-79 s of the budget
         decoder_tune_steps=0,
+        # 705 s of the 12 minutes (the rest: start-up and loading); measured (session 9,
+        # `runs/demo-q9c`): world 8, judge 24, encoder 83, centre 1, cache 6, decoder 224, lm 31,
+        # vpit 270, eval 18 (666 s); machine speed varies ~15% between hours
+        stage_budget_s={
+            "world": 10,
+            "judge": 30,
+            "encoder": 85,
+            "center": 2,
+            "cache": 8,
+            "decoder": 230,
+            "lm": 35,
+            "vpit": 280,
+            "eval": 25,
+        },  # fmt: skip
     ),
     "full": Preset(
         images=8000,
@@ -193,6 +225,19 @@ PRESETS = {
         # 0.620), and the stages cost 135 s
         decoder_tune_steps=0,
         open_requests=0.25,  # reasoning 0.667 -> 0.917 (see ``Preset``)
+        # 2487 s of the hour; measured (session 9, `runs/demo-full9o`): world 22, judge 41,
+        # encoder 222, centre 1, cache 21, decoder 1134, lm 87, vpit 706, eval 58 (2292 s)
+        stage_budget_s={
+            "world": 30,
+            "judge": 60,
+            "encoder": 240,
+            "center": 2,
+            "cache": 25,
+            "decoder": 1200,
+            "lm": 110,
+            "vpit": 750,
+            "eval": 70,
+        },  # fmt: skip
     ),
 }
 
