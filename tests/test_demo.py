@@ -9,15 +9,8 @@ import json
 import pytest
 
 from metamorph_train.cli import main as cli
-from metamorph_train.toy.demo import (
-    ABLATIONS,
-    PRESETS,
-    Options,
-    _finished_run,
-    ablation_vpit_steps,
-    remove_demo_run,
-    run_demo,
-)
+from metamorph_train.toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
+from metamorph_train.toy.demo import PRESETS, Options, remove_demo_run, run_demo
 from metamorph_train.toy.presets import run_record
 
 STAGES = (

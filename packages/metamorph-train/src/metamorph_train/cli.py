@@ -204,7 +204,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from metamorph_train.toy.demo import Options, run_ablation, run_demo
+    from metamorph_train.toy.ablation import run_ablation
+    from metamorph_train.toy.demo import Options, run_demo
 
     if args.ablation:
         if args.overwrite:
