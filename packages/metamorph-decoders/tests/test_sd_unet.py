@@ -10,9 +10,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from sd15_config import SD15_SCHEDULER, SD15_UNET, SD15_VAE
 
 from metamorph_core import MetaMorphModel, create
+from metamorph_core.decoding import DecodeConfig
 from metamorph_core.errors import CheckpointError, ShapeMismatchError
 from metamorph_core.testing import save_tiny_backbone, tiny_model_config
 from metamorph_decoders.loading import plan_weight_load
+from metamorph_decoders.sampler import DiffusionSampler
 from metamorph_decoders.testing import tiny_unet_config, tiny_vae_config
 
 UNET = tiny_unet_config()
@@ -108,6 +110,21 @@ def test_sampling_is_seeded_and_guidance_matters(sd_dirs):
     assert len(pil) == 2 and pil[0].size == (16, 16)
 
 
+def test_decode_takes_a_config_and_delegates_to_the_sampler(sd_dirs):
+    dec = decoder(sd_dirs / "pixel").eval()
+    tokens, _ = data()
+    config = DecodeConfig(scheduler="ddim", steps=2, guidance_scale=3.0, seed=7)
+    a = dec.decode(tokens[:2], config)
+    assert torch.equal(a, dec.decode(tokens[:2], steps=2, guidance_scale=3.0, seed=7))
+    assert torch.equal(a, dec.decode(tokens[:2], {"steps": 2, "guidance_scale": 3.0, "seed": 7}))
+    assert torch.equal(
+        a, dec.decode(tokens[:2], DecodeConfig(steps=5, seed=7), steps=2, guidance_scale=3.0)
+    )
+    assert torch.equal(a, DiffusionSampler(dec).sample(tokens[:2], config))
+    g = torch.Generator().manual_seed(7)  # a generator draws the noise instead of the seed
+    assert torch.equal(a, dec.decode(tokens[:2], steps=2, guidance_scale=3.0, generator=g))
+
+
 def test_dropped_conditioning_is_exactly_the_unconditional_branch(sd_dirs):
     for null in ("zeros", "learned"):
         dec = decoder(sd_dirs / "pixel", cond_dropout=1.0, null_conditioning=null)
@@ -184,10 +201,14 @@ def test_bad_input_is_named(sd_dirs, tmp_path):
     dec = decoder(sd_dirs / "pixel")
     with pytest.raises(ValueError, match=r"expects tokens \(b, n, 24\).*got \(1, 4, 16\)"):
         dec.decode(torch.randn(1, 4, 16), steps=2)
-    with pytest.raises(ValueError, match="guidance_scale must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"decoder guidance_scale must be >= 0 .*got -1"):
         dec.decode(torch.randn(1, 4, 24), guidance_scale=-1)
-    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="decoder steps must be an integer >= 1, got 0"):
         dec.decode(torch.randn(1, 4, 24), steps=0)
+    with pytest.raises(ValueError, match=r"unknown decoder option\(s\) \['stpes'\]"):
+        dec.decode(torch.randn(1, 4, 24), stpes=2)
+    with pytest.raises(ValueError, match="output_type must be 'pt' or 'pil', got 'np'"):
+        dec.decode(torch.randn(1, 4, 24), steps=1, output_type="np")
     with pytest.raises(ValueError, match="unknown scheduler 'fast'; known: ddpm, ddim"):
         dec.decode(torch.randn(1, 4, 24), scheduler="fast")
     (tmp_path / "scheduler").mkdir()

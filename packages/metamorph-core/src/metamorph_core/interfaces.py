@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metamorph_core.decoding import DecodeConfig
+
 #: In the reload kwargs a component returns from ``save_pretrained``, this value stands for the
 #: subfolder it was saved in. Without it, the loader passes ``pretrained=<subfolder>``.
 SUBFOLDER = "<subfolder>"
@@ -119,7 +121,7 @@ class Backbone(Component, ABC):
 class VisualLoss(nn.Module, ABC):
     """Per-token visual loss: ``(t, c)`` predictions and targets -> ``(t,)`` losses.
 
-    The model sums these and divides by the token count (DESIGN.md conventions)."""
+    The model sums these and divides by the token count (docs/method.md, "Losses")."""
 
     @abstractmethod
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
@@ -136,5 +138,9 @@ class VisualDecoder(Component, ABC):
         """Training loss of reconstructing ``pixel_values`` ``(b, 3, h, w)`` from ``tokens``."""
 
     @abstractmethod
-    def decode(self, tokens: torch.Tensor, **sampling: Any) -> torch.Tensor:
-        """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``."""
+    def decode(
+        self, tokens: torch.Tensor, config: DecodeConfig | None = None, **options: Any
+    ) -> torch.Tensor:
+        """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``, sampled as ``config``
+        says (``options``: its fields as keywords, which override it); see
+        :class:`~metamorph_core.decoding.DecodeConfig`."""

@@ -12,25 +12,26 @@ or ``learned``), and the sampler's unconditional branch uses the same null conte
 folded into channels (``pixel_unshuffle``: a 32x32 RGB image is a 16x16 sample of 12 channels
 at p=2), as "simple diffusion" (Hoogeboom et al. 2023) and DiT-style patching do. The diffusion
 process is unchanged (the same noise on the same values, only rearranged); the UNet runs at
-1/p^2 of the positions, so a step costs about that much less. Measured on the toy world's
-decoder: see ``metamorph_train.toy.presets``.
+1/p^2 of the positions.
 
 ``spatial_channels`` (off by default; not in the paper) adds a second, local path for the same
 tokens: when they form a square grid (an encoder's patch grid), a linear map of each token to
 ``spatial_channels`` channels is laid over its patch's area of the UNet's sample (nearest
 upsampling; the sample size need not be a multiple of the grid) and concatenated to the UNet's
-input, as InstructPix2Pix conditions on an image. Every position then sees its own patch's
-token, which a small UNet with cross-attention only at its lowest resolution learns slowly.
+input, as InstructPix2Pix conditions on an image, so every position sees its own patch's token.
 Conditioning dropout and the unconditional branch zero this map with the context. A pretrained
 UNet without those input channels gets them as InstructPix2Pix does: ``conv_in`` widened with
 zero weights, so it starts out computing exactly what it did (logged).
 
 ``spatial_detail`` d (default 1, the flat map above) gives each token a learned d x d pattern
 of those channels over its patch instead of one value: a linear "unpatchify" at a coarse
-resolution, the (grid*d)^2 map resized bilinearly to the sample. Measured on the toy world
-(9 tokens, one shape a token; 1400 steps of a small pixel UNet): reconstructions' shape right
-0.34 at d=6 vs 0.14 at d=1 (see ``metamorph_train.toy.presets``); a per-pixel unpatchify of
-16 tokens, MAE-style, was worse than d=1 at equal steps.
+resolution, the (grid*d)^2 map resized bilinearly to the sample.
+
+The parts: :class:`~metamorph_decoders.settings.DecoderSettings` (what a decoder records, and
+how arguments merge with a saved ``config.json``), :class:`DiffusionDecoder` (the modules, the
+conditioning, the training loss, checkpoints) and
+:class:`~metamorph_decoders.sampler.DiffusionSampler` (the sampling loop behind
+:meth:`DiffusionDecoder.decode`).
 
 Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent mode),
 ``scheduler/``, ``adapter.safetensors`` and ``config.json`` (the decoder's settings).
@@ -38,46 +39,64 @@ Checkpoint layout (Stable Diffusion's, plus ours): ``unet/``, ``vae/`` (latent m
 
 from __future__ import annotations
 
-import inspect
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from metamorph_core.checkpoint import atomic_directory, write_json
-from metamorph_core.config import ComponentSpec
+from metamorph_core.decoding import DecodeConfig
 from metamorph_core.dtypes import dtype_name, resolve_dtype
-from metamorph_core.errors import CheckpointError
 from metamorph_core.interfaces import VisualDecoder
 from metamorph_core.plugins.registry import create
 from metamorph_core.vision import perturb_tokens
-from metamorph_decoders.loading import (
-    load_unet_weights,
-    plan_weight_load,
-    read_saved_config,
-    subfolder,
+from metamorph_decoders.building import (
+    DEFAULT_NOISE_SCHEDULE,
+    build_unet,
+    build_vae,
+    cast,
+    fit_channels,
+    image_side,
+    load_adapter_file,
+    read_noise_schedule,
+    read_unet_config,
 )
+from metamorph_decoders.loading import read_saved_config
+from metamorph_decoders.sampler import DiffusionSampler, check_output_type
 from metamorph_decoders.schedulers import make_scheduler
-from metamorph_decoders.spatial import SpatialMap, widen_conv_in
+from metamorph_decoders.settings import (
+    PREDICTION_TYPES,
+    DecoderSettings,
+    resolve_settings,
+    settings_attribute,
+)
+from metamorph_decoders.spatial import SpatialMap
 
-logger = logging.getLogger("metamorph")
 FORMAT = "metamorph-decoder"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-DEFAULT_NOISE_SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "clip_sample": False,
-}
+__all__ = ["DEFAULT_NOISE_SCHEDULE", "FORMAT", "PREDICTION_TYPES", "DiffusionDecoder"]
 
 
 class DiffusionDecoder(VisualDecoder):
-    """Visual tokens ``(b, num_tokens, token_dim)`` -> images ``(b, 3, h, w)`` in [0, 1]."""
+    """Visual tokens ``(b, num_tokens, token_dim)`` -> images ``(b, 3, h, w)`` in [0, 1].
+
+    ``config`` is the decoder's :class:`~metamorph_decoders.settings.DecoderSettings`; its
+    fields are also attributes (``token_dim``, ``mode``, ``patch_size`` ...), read-only except
+    the training settings ``cond_dropout``, ``snr_gamma`` and ``token_noise``."""
+
+    token_dim = settings_attribute("token_dim")
+    num_tokens = settings_attribute("num_tokens")
+    mode = settings_attribute("mode")
+    context_length = settings_attribute("context_length")
+    prediction_type = settings_attribute("prediction_type")
+    null_conditioning = settings_attribute("null_conditioning")
+    spatial_channels = settings_attribute("spatial_channels")
+    spatial_detail = settings_attribute("spatial_detail")
+    patch_size = settings_attribute("patch_size")
+    cond_dropout = settings_attribute("cond_dropout", writable=True)
+    snr_gamma = settings_attribute("snr_gamma", writable=True)
+    token_noise = settings_attribute("token_noise", writable=True)
 
     def __init__(
         self,
@@ -104,10 +123,16 @@ class DiffusionDecoder(VisualDecoder):
     ) -> None:
         """Settings left as ``None`` come from a pretrained decoder's ``config.json`` when there
         is one, else from the defaults (``mlp`` adapter, 77 context tokens, epsilon, dropout
-        0.75, ``zeros`` null). Giving a setting that contradicts a saved decoder is an error."""
+        0.75, ``zeros`` null); giving a setting that contradicts a saved decoder is an error
+        (see :func:`~metamorph_decoders.settings.resolve_settings`). ``pretrained`` (a Stable
+        Diffusion layout directory) or ``unet_config`` (a fresh UNet) is required, not both;
+        ``vae_config`` / ``scheduler_config`` build a fresh VAE / noise schedule when there is
+        no directory. ``seed`` fixes the fresh weights of the adapter, UNet and spatial map
+        (drawn from a forked RNG; a fresh VAE and a widened ``conv_in`` draw from torch's
+        global one); ``dtype`` is the precision the UNet, adapter, spatial map and VAE are
+        cast to. Bad settings are ``ValueError``s naming them (see
+        :class:`~metamorph_decoders.settings.DecoderSettings`)."""
         super().__init__()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
         if (pretrained is None) == (unet_config is None):
             raise ValueError(
                 "decoder 'sd-unet' needs exactly one of pretrained= (a Stable-Diffusion-layout "
@@ -123,204 +148,72 @@ class DiffusionDecoder(VisualDecoder):
         given = {
             "token_dim": token_dim,
             "num_tokens": num_tokens,
+            "mode": mode,
             "adapter": adapter,
             "context_length": context_length,
+            "prediction_type": prediction_type,
+            "cond_dropout": cond_dropout,
+            "snr_gamma": snr_gamma,
+            "token_noise": token_noise,
             "null_conditioning": null_conditioning,
-            "prediction_type": _prediction_type(prediction_type) if prediction_type else None,
             "spatial_channels": spatial_channels,
             "spatial_detail": spatial_detail,
             "patch_size": patch_size,
         }
-        conf = _resolve(given, saved, root)
-        if conf["token_dim"] is None or conf["num_tokens"] is None:
-            raise ValueError("decoder 'sd-unet' needs token_dim= and num_tokens= (the encoder's)")
-        cond_dropout = saved.get("cond_dropout", 0.75) if cond_dropout is None else cond_dropout
-        if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
-        snr_gamma = saved.get("snr_gamma") if snr_gamma is None else snr_gamma
-        if snr_gamma is not None and not snr_gamma > 0:
-            raise ValueError(f"snr_gamma must be > 0 (5 is usual) or None, got {snr_gamma}")
-        self.snr_gamma = snr_gamma
-        token_noise = saved.get("token_noise", 0.0) if token_noise is None else token_noise
-        if not token_noise >= 0.0:
-            raise ValueError(
-                f"token_noise must be >= 0 (0: off; 0.5 to 1 is usual), got {token_noise}"
-            )
-        self.token_noise = float(token_noise)
-        if conf["null_conditioning"] not in ("zeros", "learned"):
-            raise ValueError(
-                f"null_conditioning must be 'zeros' or 'learned', got '{conf['null_conditioning']}'"
-            )
+        has_vae = vae_config is not None or (root is not None and (root / "vae").is_dir())
+        self.config: DecoderSettings = resolve_settings(given, saved, root=root, has_vae=has_vae)
         torch_dtype = resolve_dtype(dtype)
-        self.token_dim, self.num_tokens = int(conf["token_dim"]), int(conf["num_tokens"])
-        self.context_length = int(conf["context_length"])
-        self.prediction_type = conf["prediction_type"]
-        self.cond_dropout, self.null_conditioning = cond_dropout, conf["null_conditioning"]
-        self.spatial_channels = int(conf["spatial_channels"])
-        if self.spatial_channels < 0:
-            raise ValueError(f"spatial_channels must be >= 0, got {self.spatial_channels}")
-        self.spatial_detail = int(conf["spatial_detail"])
-        if self.spatial_detail < 1:
-            raise ValueError(
-                f"spatial_detail must be >= 1 (1: one value per patch), got {self.spatial_detail}"
-            )
-        if self.spatial_detail > 1 and not self.spatial_channels:
-            raise ValueError(
-                f"spatial_detail={self.spatial_detail} shapes the spatial conditioning map, which "
-                "is off (spatial_channels=0); set spatial_channels > 0 or drop spatial_detail"
-            )
-        self.patch_size = int(conf["patch_size"])
-        if self.patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1 (1: no patching), got {self.patch_size}")
-
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            if root is not None:
-                unet_dir = subfolder(root, "unet")
-                unet_cfg = dict(UNet2DConditionModel.load_config(str(unet_dir)))
-            else:
-                unet_cfg = dict(unet_config)
-            spec = ComponentSpec.parse(conf["adapter"], "decoder adapter")
-            self.adapter_spec = {"name": spec.name, "kwargs": dict(spec.kwargs)}
-            width = int(unet_cfg["cross_attention_dim"])
-            self.adapter = create(
-                "adapter", spec.name, **{"in_dim": self.token_dim, "out_dim": width, **spec.kwargs}
-            )
-            if self.adapter.out_dim != width:
-                self.unet = self._reshaped_unet(root, unet_cfg, reshape_cross_attention)
-            elif root is not None:
-                self.unet = UNet2DConditionModel.from_pretrained(
-                    str(unet_dir), use_safetensors=True
-                )
-            else:
-                self.unet = UNet2DConditionModel.from_config(unet_cfg)
-            self.spatial = (
-                SpatialMap(
-                    self.token_dim, self.spatial_channels, self.num_tokens, self.spatial_detail
-                )
-                if self.spatial_channels
-                else None
-            )
-            if self.null_conditioning == "learned":
-                rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
-                self.null_context = torch.nn.Parameter(torch.zeros(rows, self.adapter.out_dim))
-            if root is not None and (root / "adapter.safetensors").is_file():
-                self._load_adapter(root / "adapter.safetensors")
-        self.unet = _cast(self.unet, torch_dtype)
+            self._build_conditioned_unet(root, unet_config, reshape_cross_attention)
+        self.unet = cast(self.unet, torch_dtype)
         self.adapter.to(torch_dtype)
         if self.spatial is not None:
             self.spatial.to(torch_dtype)
-
-        if mode is None:
-            has_vae = vae_config is not None or (root is not None and (root / "vae").is_dir())
-            mode = saved.get("mode", "latent" if has_vae else "pixel")
-        if mode not in ("latent", "pixel"):
-            raise ValueError(f"decoder mode must be 'latent' or 'pixel', got '{mode}'")
-        self.mode = mode
         self.vae = None
-        if mode == "latent":
-            if vae_config is not None:
-                self.vae = AutoencoderKL.from_config(vae_config)
-            elif root is not None:
-                self.vae = AutoencoderKL.from_pretrained(
-                    str(subfolder(root, "vae")), use_safetensors=True
-                )
-            else:
-                raise ValueError(
-                    "latent mode needs vae_config= or a pretrained directory with vae/"
-                )
-            self.vae = _cast(self.vae, torch_dtype).requires_grad_(False).eval()
-        if root is not None:
-            with open(subfolder(root, "scheduler") / "scheduler_config.json") as f:
-                sched = json.load(f)
-        else:  # x0 clipping would fight latents; off unless asked for
-            sched = {"clip_sample": False, **(scheduler_config or DEFAULT_NOISE_SCHEDULE)}
-        self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
+        if self.mode == "latent":  # a fresh VAE draws from torch's global RNG, not ``seed``
+            self.vae = build_vae(root, vae_config)
+            self.vae = cast(self.vae, torch_dtype).requires_grad_(False).eval()
+        self.scheduler_config = read_noise_schedule(root, scheduler_config)
         self.noise_scheduler = make_scheduler("ddpm", self.scheduler_config, self.prediction_type)
-        channels = self.unet.config.in_channels
-        base = self.vae.config.latent_channels if self.vae is not None else 3
-        self.sample_channels = base * self.patch_size**2
-        want = self.sample_channels + self.spatial_channels
-        if root is not None and self.spatial_channels and channels == self.sample_channels:
-            widen_conv_in(self.unet, want)
-            channels = want
-        base_name = "the VAE latent channels" if self.vae is not None else "RGB"
-        patched = (
-            f" x {self.patch_size**2} (patch_size {self.patch_size})" if self.patch_size > 1 else ""
-        )
-        if channels != want:
-            extra = f" + {self.spatial_channels} spatial_channels" if self.spatial_channels else ""
-            raise ValueError(
-                f"{mode} mode needs a UNet with {want} input channels "
-                f"({base_name}{patched}{extra}), this one has {channels}"
-            )
-        if int(self.unet.config.out_channels) != self.sample_channels:
-            raise ValueError(
-                f"{mode} mode needs a UNet with {self.sample_channels} output channels "
-                f"({base_name}{patched}), "
-                f"this one has {self.unet.config.out_channels}"
-            )
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        side = int(self.unet.config.sample_size) * factor * self.patch_size
+        self.sample_channels = fit_channels(self.unet, self.vae, self.config, root is not None)
+        side = image_side(self.unet, self.vae, self.patch_size)
         self.image_size = (side, side)
 
-    # -- construction helpers ----------------------------------------------------------------
-    def _reshaped_unet(self, root: Path | None, cfg: dict[str, Any], allowed: bool) -> Any:
-        from diffusers import UNet2DConditionModel
-
-        old, new = int(cfg["cross_attention_dim"]), self.adapter.out_dim
-        if not allowed:
-            raise ValueError(
-                f"the base UNet's cross-attention width is {old} but adapter "
-                f"'{type(self.adapter).__name__}' outputs {new}; set reshape_cross_attention=True "
-                "to re-initialise the cross-attention K/V weights (they are logged), or give the "
-                f"adapter out_dim={old}"
-            )
-        unet = UNet2DConditionModel.from_config({**cfg, "cross_attention_dim": new})
-        if root is None:
-            return unet
-        source = load_unet_weights(subfolder(root, "unet"))
-        plan = plan_weight_load(
-            {k: tuple(v.shape) for k, v in source.items()},
-            {k: tuple(v.shape) for k, v in unet.state_dict().items()},
-            str(root),
+    def _build_conditioned_unet(
+        self, root: Path | None, unet_config: dict[str, Any] | None, reshape: bool
+    ) -> None:
+        """The adapter, the UNet, the spatial map and the learned null context, in that order
+        (the order their fresh weights are drawn), then the saved adapter weights if any."""
+        unet_cfg = read_unet_config(root) if root is not None else dict(unet_config)
+        spec = self.config.adapter
+        width = int(unet_cfg["cross_attention_dim"])
+        self.adapter = create(
+            "adapter", spec.name, **{"in_dim": self.token_dim, "out_dim": width, **spec.kwargs}
         )
-        unet.load_state_dict({k: source[k] for k in plan.load}, strict=False)
-        logger.warning(
-            "UNet cross-attention width %d -> %d: re-initialised %d weights: %s",
-            old,
-            new,
-            len(plan.reinit),
-            ", ".join(plan.reinit),
+        self.unet = build_unet(root, unet_cfg, self.adapter, reshape)
+        self.spatial = (
+            SpatialMap(self.token_dim, self.spatial_channels, self.num_tokens, self.spatial_detail)
+            if self.spatial_channels
+            else None
         )
-        return unet
+        if self.null_conditioning == "learned":
+            rows = max(self.context_length, self.adapter.out_tokens(self.num_tokens))
+            self.null_context = torch.nn.Parameter(torch.zeros(rows, self.adapter.out_dim))
+        if root is not None and (root / "adapter.safetensors").is_file():
+            load_adapter_file(
+                root / "adapter.safetensors",
+                self.config,
+                self.adapter,
+                self.spatial,
+                getattr(self, "null_context", None),
+            )
 
-    def _load_adapter(self, path: Path) -> None:
-        state = load_file(str(path))
-        null = state.pop("null_context", None)
-        spatial = state.pop("spatial.weight", None)
-        if (spatial is not None) != (self.spatial is not None):
-            raise CheckpointError(
-                f"{path}: spatial conditioning weights present={spatial is not None} but "
-                f"spatial_channels={self.spatial_channels}"
-            )
-        if (null is not None) != (self.null_conditioning == "learned"):
-            raise CheckpointError(
-                f"{path}: learned null context present={null is not None} but "
-                f"null_conditioning='{self.null_conditioning}'"
-            )
-        try:
-            self.adapter.load_state_dict(state)
-            if null is not None:
-                self.null_context.data.copy_(null)
-            if spatial is not None:
-                self.spatial.load_state_dict({"weight": spatial})
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"{path}: the saved adapter does not fit adapter {self.adapter_spec} with "
-                f"token_dim={self.token_dim}: {str(e)[:300]}"
-            ) from e
+    @property
+    def adapter_spec(self) -> dict[str, Any]:
+        """The adapter's registry name and kwargs, ``{"name": ..., "kwargs": {...}}``."""
+        return self.config.adapter_spec
 
     # -- conditioning ------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -344,7 +237,8 @@ class DiffusionDecoder(VisualDecoder):
             return None
         return self.spatial.layout(tokens, int(self.unet.config.sample_size))
 
-    def _unet_input(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+    def unet_input(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's input: the sample ``x``, then the spatial map's channels if any."""
         return x if spatial is None else torch.cat([x, spatial.to(x.dtype)], dim=1)
 
     def null(self, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -414,7 +308,7 @@ class DiffusionDecoder(VisualDecoder):
             if spatial is not None:
                 spatial = spatial.masked_fill(drop[:, None, None, None], 0.0)
         dtype = self.unet.dtype
-        inp = self._unet_input(noisy.to(dtype), spatial)
+        inp = self.unet_input(noisy.to(dtype), spatial)
         pred = self.unet(inp, t, encoder_hidden_states=ctx.to(dtype)).sample
         if self.snr_gamma is None:
             return F.mse_loss(pred.float(), target)
@@ -456,58 +350,28 @@ class DiffusionDecoder(VisualDecoder):
     def decode(
         self,
         tokens: torch.Tensor,
-        scheduler: str = "ddim",
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        seed: int | None = None,
+        config: DecodeConfig | dict[str, Any] | None = None,
+        *,
         generator: torch.Generator | None = None,
         output_type: str = "pt",
+        **options: Any,
     ) -> Any:
         """Sample images for ``tokens`` ``(b, n, c)``: ``output_type`` ``"pt"`` gives ``(b, 3,
-        h, w)`` in [0, 1], ``"pil"`` a list of PIL images. With ``guidance_scale`` != 1 the
-        conditional and unconditional (null-context) branches run in one batched UNet call:
-        ``uncond + s * (cond - uncond)``."""
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if output_type not in ("pt", "pil"):
-            raise ValueError(f"output_type must be 'pt' or 'pil', got '{output_type}'")
-        device = self.unet.device
-        sched = make_scheduler(scheduler, self.scheduler_config, self.prediction_type)
-        sched.set_timesteps(steps, device=device)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        cond = self.context(tokens).to(self.unet.dtype)
-        b = cond.shape[0]
-        guided = guidance_scale != 1.0
-        ctx = torch.cat([self.null(b, cond), cond]) if guided else cond
-        spatial = self.spatial_map(tokens)
-        if spatial is not None and guided:
-            spatial = torch.cat([torch.zeros_like(spatial), spatial])
-        c = self.sample_channels
-        s = int(self.unet.config.sample_size)
-        draw = generator.device if generator is not None else "cpu"
-        x = torch.randn((b, c, s, s), generator=generator, device=draw).to(device)  # float32
-        x = x * sched.init_noise_sigma
-        # stochastic schedulers take the generator; deterministic ones have no such argument
-        step_kw = (
-            {"generator": generator}
-            if "generator" in inspect.signature(sched.step).parameters
-            else {}
-        )
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            inp = self._unet_input(inp.to(self.unet.dtype), spatial)
-            pred = self.unet(inp, t, encoder_hidden_states=ctx).sample.float()
-            if guided:
-                uncond, cond_pred = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond_pred - uncond)
-            x = sched.step(pred, t, x, **step_kw).prev_sample
-        images = self._to_pixels(x)
-        return _to_pil(images) if output_type == "pil" else images
+        h, w)`` float32 in [0, 1], ``"pil"`` a list of PIL images. ``config`` (a
+        :class:`~metamorph_core.decoding.DecodeConfig`, a dict of its fields, or ``None`` for
+        its defaults) with ``options`` (its fields as keywords: ``scheduler``, ``steps``,
+        ``guidance_scale``, ``seed``) overriding it says how; ``generator``, when given, draws
+        the noise instead of the seed. With ``guidance_scale`` != 1 the conditional and
+        unconditional (null-context) branches run in one batched UNet call:
+        ``uncond + s * (cond - uncond)``. Bad options are ``ValueError``s naming them. The
+        loop is :meth:`~metamorph_decoders.sampler.DiffusionSampler.sample`."""
+        config = DecodeConfig.of(config, **options)
+        check_output_type(output_type)
+        return DiffusionSampler(self).sample(tokens, config, generator, output_type)
 
-    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The UNet's sample space ``(b, c, s, s)`` -> float32 images ``(b, 3, h, w)`` in
+        [0, 1]: patches unfolded, latents decoded by the VAE, values clamped."""
         if self.patch_size > 1:
             x = F.pixel_shuffle(x, self.patch_size)
         if self.vae is not None:
@@ -519,22 +383,9 @@ class DiffusionDecoder(VisualDecoder):
 
     # -- checkpoints -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {
-            "token_dim": self.token_dim,
-            "num_tokens": self.num_tokens,
-            "mode": self.mode,
-            "adapter": self.adapter_spec,
-            "context_length": self.context_length,
-            "prediction_type": self.prediction_type,
-            "cond_dropout": self.cond_dropout,
-            "snr_gamma": self.snr_gamma,
-            "token_noise": self.token_noise,
-            "null_conditioning": self.null_conditioning,
-            "spatial_channels": self.spatial_channels,
-            "spatial_detail": self.spatial_detail,
-            "patch_size": self.patch_size,
-            "dtype": dtype_name(self.unet.dtype),
-        }
+        """What ``config.json`` records: the :class:`DecoderSettings` fields (the adapter as
+        ``{"name": ..., "kwargs": {...}}``) and ``dtype``, the UNet's."""
+        return {**self.config.to_dict(), "dtype": dtype_name(self.unet.dtype)}
 
     def save_pretrained(self, directory: str | Path) -> dict[str, Any]:
         """Write the SD layout plus ``adapter.safetensors`` and ``config.json``; returns the
@@ -557,53 +408,3 @@ class DiffusionDecoder(VisualDecoder):
         write_json(
             path / "config.json", {"format": FORMAT, **self.settings(), "weights": sorted(tensors)}
         )
-
-
-def _cast(model: Any, dtype: torch.dtype) -> Any:
-    return model if model.dtype == dtype else model.to(dtype)
-
-
-def _prediction_type(value: str) -> str:
-    value = "v_prediction" if value == "v" else value
-    if value not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type '{value}'; use epsilon, v or sample")
-    return value
-
-
-_DEFAULTS = {
-    "adapter": "mlp",
-    "context_length": 77,
-    "null_conditioning": "zeros",
-    "prediction_type": "epsilon",
-    "token_dim": None,
-    "num_tokens": None,
-    "spatial_channels": 0,
-    "spatial_detail": 1,
-    "patch_size": 1,
-}
-
-
-def _resolve(given: dict[str, Any], saved: dict[str, Any], root: Path | None) -> dict[str, Any]:
-    """Explicit settings, else the saved decoder's, else defaults; a contradiction is an error."""
-    out = {}
-    for key, default in _DEFAULTS.items():
-        value, stored = given[key], saved.get(key)
-        if key == "adapter" and value is not None:
-            value = ComponentSpec.parse(value, "decoder adapter")
-            value = {"name": value.name, "kwargs": value.kwargs}
-            if stored is not None and stored["name"] == value["name"] and not value["kwargs"]:
-                value = stored  # a bare name means "as saved"
-        if value is not None and stored is not None and value != stored:
-            raise CheckpointError(
-                f"decoder in '{root}' was saved with {key}={stored!r} but {key}={value!r} was "
-                "given; drop the argument to use the saved value"
-            )
-        out[key] = value if value is not None else stored if stored is not None else default
-    return out
-
-
-def _to_pil(images: torch.Tensor) -> list[Any]:
-    from PIL import Image
-
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arr]
