@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generation, text_only, understanding
 
 from metamorph_core import MetaMorphModel, create
 from metamorph_core.testing import tiny_model_config
+from metamorph_core.testing.samples import generation, text_only, understanding
 from metamorph_decoders.testing import tiny_unet_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import generation, understanding
 
 from metamorph_core import MetaMorphModel, create
 from metamorph_core.testing import check_encoder, tiny_model_config
+from metamorph_core.testing.samples import generation, understanding
 
 TOWER = {
     "hidden_size": 32,
@@ -43,7 +43,7 @@ def dinov2_dir(tmp_path_factory):
 
 def test_listed_by_the_cli_with_its_distribution():
     res = subprocess.run(
-        [sys.executable, "-m", "metamorph_train.cli", "plugins", "--json"],
+        [sys.executable, "-m", "metamorph_core.cli", "plugins", "--json"],
         capture_output=True,
         text=True,
         check=True,

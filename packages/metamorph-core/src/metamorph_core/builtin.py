@@ -60,3 +60,22 @@ def register_templates(register: Register) -> None:
     register("llama3", "metamorph_core.conversation:llama3", description="the paper's template")
     register("chatml", "metamorph_core.conversation:chatml", description="Qwen's ChatML")
     register("plain", "metamorph_core.conversation:plain", description="no roles")
+
+
+@hookimpl
+def register_commands(register: Register) -> None:
+    register(
+        "plugins",
+        "metamorph_core.cli.plugins:configure",
+        description="list registered components and commands with their distributions",
+    )
+    register(
+        "generate",
+        "metamorph_core.cli.generate:configure",
+        description="generate text and images from a prompt: metamorph generate --model DIR PROMPT",
+    )
+    register(
+        "merge-lora",
+        "metamorph_core.cli.merge_lora:configure",
+        description="write a plain full checkpoint from a LoRA checkpoint",
+    )

@@ -1,5 +1,5 @@
 """``MetaMorphModel``: encoder -> projector -> backbone -> (text head, vision head), with the
-VPiT losses (DESIGN.md section 1).
+VPiT losses (docs/method.md).
 
 Alignment: the hidden state at ``t - 1`` predicts the token at ``t``, text and visual alike:
 the state at ``<image_start>`` predicts the first visual token and the last visual token's
@@ -19,23 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamorph_core import __version__, generation
-from metamorph_core.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_directory,
-    load_tensors_strict,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from metamorph_core import generation, saving
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
 from metamorph_core.conversation import Conversation, ImageFeatures
-from metamorph_core.dtypes import dtype_name, module_dtype, resolve_dtype
-from metamorph_core.errors import CheckpointError, ShapeMismatchError
+from metamorph_core.decoding import DecodeConfig
+from metamorph_core.dtypes import module_dtype
+from metamorph_core.errors import ShapeMismatchError
 from metamorph_core.generation import GenerationConfig, GenerationEvent, GenerationResult, Prompt
 from metamorph_core.interfaces import (
-    SUBFOLDER,
     Backbone,
     Projector,
     VisionEncoder,
@@ -47,8 +38,6 @@ from metamorph_core.plugins.registry import create
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate, pack
 from metamorph_core.vision import perturb_tokens
 
-FORMAT = "metamorph"
-FORMAT_VERSION = 1
 _KINDS = ("encoder", "projector", "backbone", "head")
 
 
@@ -153,17 +142,17 @@ class MetaMorphModel(nn.Module):
                 raise ShapeMismatchError(message)
 
     @classmethod
-    def from_config(cls, config: MetaMorphConfig | dict[str, Any]) -> MetaMorphModel:
-        """Create every component by registry name; projector/head widths default to the
+    def from_config(
+        cls,
+        config: MetaMorphConfig | dict[str, Any],
+        components: dict[str, nn.Module] | None = None,
+    ) -> MetaMorphModel:
+        """Create every component by registry name, except those given in ``components``
+        (kind -> module, e.g. loaded from a checkpoint); projector/head widths default to the
         encoder's and backbone's."""
         if isinstance(config, dict):
             config = MetaMorphConfig.from_dict(config)
-        return cls._assemble(config, {})
-
-    @classmethod
-    def _assemble(cls, config: MetaMorphConfig, built: dict[str, nn.Module]) -> MetaMorphModel:
-        """Create the components not in ``built``; projector/head widths default to the
-        encoder's and backbone's."""
+        built = dict(components or {})
         for kind in ("encoder", "backbone"):
             if kind not in built:
                 spec = getattr(config, kind)
@@ -236,9 +225,13 @@ class MetaMorphModel(nn.Module):
             )
         return self.decoder
 
-    def decode_images(self, tokens: torch.Tensor, **sampling: Any) -> Any:
-        """``(b, num_tokens, c)`` visual tokens -> images, through the attached decoder."""
-        return self.require_decoder().decode(tokens, **sampling)
+    def decode_images(
+        self, tokens: torch.Tensor, config: DecodeConfig | None = None, **options: Any
+    ) -> Any:
+        """``(b, num_tokens, c)`` visual tokens -> images, through the attached decoder;
+        ``config`` / ``options``: its sampling (:class:`~metamorph_core.decoding.DecodeConfig`
+        fields: ``scheduler``, ``steps``, ``guidance_scale``, ``seed``)."""
+        return self.require_decoder().decode(tokens, config, **options)
 
     # -- generation --------------------------------------------------------------------------
     def generate(
@@ -254,7 +247,8 @@ class MetaMorphModel(nn.Module):
         turn); one :class:`~metamorph_core.generation.GenerationResult` per prompt. ``options``
         are :class:`~metamorph_core.generation.GenerationConfig` fields (``max_new_tokens``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
-        ``guidance_scale``, ``decode_images`` ...). See :mod:`metamorph_core.generation`."""
+        ``visual_guidance_scale``, ``decode_images``, ``decoding`` ...). See
+        :mod:`metamorph_core.generation`."""
         return generation.generate(
             self, prompts, images, response_prefix=response_prefix, config=config, **options
         )
@@ -332,6 +326,55 @@ class MetaMorphModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.encoder(pixel_values)
 
+    def check_image_tokens(self, tokens: torch.Tensor, n_slots: int) -> None:
+        """Raise unless ``tokens`` are ``(n_slots / num_image_tokens, num_image_tokens, c)``:
+        one image's tokens per ``<image>`` of the batch, of this encoder's width."""
+        n, c = self.num_image_tokens, self.encoder.hidden_size
+        want = (n_slots // n, n, c)
+        if tokens.dim() != 3 or tuple(tokens.shape) != want:
+            raise ValueError(
+                f"the batch has {n_slots} image slots, i.e. {want[0]} images of {n} tokens of "
+                f"width {c}, but the image tokens have shape {tuple(tokens.shape)}; pass one "
+                "image per <image> placeholder, in order, encoded by this model's encoder"
+            )
+
+    def project_visual(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(..., c)`` visual tokens -> ``(..., d)`` backbone inputs through the projector (in
+        the projector's dtype)."""
+        return self.projector(tokens.to(module_dtype(self.projector)))
+
+    def predict_visual_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., d)`` final hidden states -> ``(..., c)`` float32 visual tokens: the vision
+        head's output, L2-normalised (what generation emits and feeds back)."""
+        out = self.head(hidden.to(module_dtype(self.head))).float()
+        return F.normalize(out, dim=-1)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        image_slot_mask: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The backbone's input embeddings ``(b, l, d)`` of ``input_ids`` ``(b, l)``, with the
+        images' visual tokens ``(n, num_image_tokens, c)`` (slot order) written through the
+        projector into the positions of ``image_slot_mask`` ``(b, l)``. Training and
+        generation both build their inputs here. Without images, while gradients are on, the
+        projector still takes part with a zero contribution (DDP expects every trained
+        parameter in every step)."""
+        embeds = self.backbone.embed(input_ids)
+        if image_slot_mask is not None and bool(image_slot_mask.any()):
+            if image_tokens is None:
+                raise ValueError(
+                    "image_slot_mask marks image positions but no image_tokens were given"
+                )
+            self.check_image_tokens(image_tokens, int(image_slot_mask.sum()))
+            proj = self.project_visual(image_tokens.to(embeds.device))  # (n, t, d)
+            return embeds.masked_scatter(image_slot_mask.unsqueeze(-1), proj.to(embeds.dtype))
+        if torch.is_grad_enabled():
+            zero = embeds.new_zeros(1, self.projector.in_dim, dtype=module_dtype(self.projector))
+            embeds = embeds + self.projector(zero).sum().to(embeds.dtype) * 0.0
+        return embeds
+
     # -- forward -----------------------------------------------------------------------------
     def forward(
         self,
@@ -353,28 +396,23 @@ class MetaMorphModel(nn.Module):
         rows (``position_ids`` restarting per sample, no ``attention_mask``) attend within each
         sample only. ``input_noise`` ``(max_level, seed)``: the target images' tokens are read
         through :func:`~metamorph_core.vision.perturb_tokens` (their targets stay clean)."""
-        embeds = self.backbone.embed(input_ids)
-        proj_dtype, head_dtype = module_dtype(self.projector), module_dtype(self.head)
-        tokens = None
+        head_dtype = module_dtype(self.head)
+        tokens = read = None
         if image_slot_mask is not None and bool(image_slot_mask.any()):
+            device = input_ids.device
             if image_features is not None:
-                tokens = image_features.to(embeds.device)
+                tokens = image_features.to(device)
             elif pixel_values is not None:
-                tokens = self.encode_images(pixel_values.to(embeds.device))
+                tokens = self.encode_images(pixel_values.to(device))
             else:
                 raise ValueError(
                     "the batch has image slots but neither pixel_values nor image_features; "
                     "build batches with model.prepare_batch or pass the images' features"
                 )
-            self._check_tokens(tokens, int(image_slot_mask.sum()))
             read = tokens
             if input_noise is not None and image_is_target is not None:
                 read = self._noisy_targets(tokens, image_is_target, *input_noise)
-            proj = self.projector(read.to(proj_dtype))  # (n, t, d)
-            embeds = embeds.masked_scatter(image_slot_mask.unsqueeze(-1), proj.to(embeds.dtype))
-        else:  # no image: the projector stays in the graph with a zero contribution (DDP)
-            unused = self.projector(embeds.new_zeros(1, self.projector.in_dim, dtype=proj_dtype))
-            embeds = embeds + unused.sum().to(embeds.dtype) * 0.0
+        embeds = self.embed_inputs(input_ids, image_slot_mask, read)
         hidden = self.backbone(
             embeds, attention_mask=attention_mask, position_ids=position_ids
         ).hidden_states  # (b, l, d), after the final norm
@@ -428,113 +466,19 @@ class MetaMorphModel(nn.Module):
         noisy = perturb_tokens(tokens.detach().cpu(), max_level, generator).to(tokens.device)
         return torch.where(is_target[:, None, None], noisy.to(tokens.dtype), tokens)
 
-    def _check_tokens(self, tokens: torch.Tensor, n_slots: int) -> None:
-        n, c = self.num_image_tokens, self.encoder.hidden_size
-        want = (n_slots // n, n, c)
-        if tokens.dim() != 3 or tuple(tokens.shape) != want:
-            raise ValueError(
-                f"the batch has {n_slots} image slots, i.e. {want[0]} images of {n} tokens of "
-                f"width {c}, but the image tokens have shape {tuple(tokens.shape)}; pass one "
-                "image per <image> placeholder, in order, encoded by this model's encoder"
-            )
-
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ a subfolder per component that
-        saves itself, e.g. ``backbone/`` in transformers format), atomically."""
-        path = Path(path)
-        with atomic_directory(path, FORMAT) as tmp:
-            components: dict[str, Any] = {}
-            tensors: dict[str, torch.Tensor] = {}
-            for kind in self._present_kinds():
-                module = getattr(self, kind)
-                spec = getattr(self.config, kind)
-                entry: dict[str, Any] = {"name": spec.name, "kwargs": spec.kwargs}
-                (tmp / kind).mkdir()
-                load_kwargs = module.save_pretrained(tmp / kind)
-                if load_kwargs is None:
-                    (tmp / kind).rmdir()
-                    tensors.update({f"{kind}.{k}": v for k, v in module.state_dict().items()})
-                    if next(module.parameters(), None) is not None:
-                        entry["dtype"] = dtype_name(module_dtype(module))
-                else:
-                    entry.update(subfolder=kind, load_kwargs=load_kwargs)
-                components[kind] = entry
-            tensors.update(
-                {f"visual_loss_fn.{k}": v for k, v in self.visual_loss_fn.state_dict().items()}
-            )
-            save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
-            write_json(
-                tmp / CONFIG_NAME,
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "library_version": __version__,
-                    "model": self.config.to_dict(),
-                    "components": components,
-                    "image_start_id": self.backbone.image_start_id,
-                    "image_end_id": self.backbone.image_end_id,
-                    "num_image_tokens": self.num_image_tokens,
-                },
-            )
-        return path
-
-    def _present_kinds(self) -> tuple[str, ...]:
-        return (*_KINDS, "decoder") if self.decoder is not None else _KINDS
+        saves itself, e.g. ``backbone/`` in transformers format), atomically
+        (:mod:`metamorph_core.saving`)."""
+        return saving.save_model(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MetaMorphModel:
         """Load a directory written by :meth:`save_pretrained`. ``dtype`` overrides the
         backbone's recorded dtype."""
-        path = Path(path)
-        meta = read_json(path / CONFIG_NAME)
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: config.json is format {meta.get('format')!r} v{meta.get('format_version')}"
-                f", this metamorph-core reads {FORMAT!r} v{FORMAT_VERSION}"
-            )
-        config = MetaMorphConfig.from_dict(meta["model"])
-        entries = meta["components"]
-        kinds = [k for k in (*_KINDS, "decoder") if k in entries]
-        built = {
-            kind: cls._load_component(path, kind, entries[kind], dtype)
-            for kind in kinds
-            if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
-        }
-        model = cls._assemble(config, built)
-        for kind in kinds:  # components kept in model.safetensors come back in their dtype
-            if "dtype" in entries[kind]:
-                getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
-        in_subfolders = {kind for kind in kinds if "subfolder" in entries[kind]}
-        expected = {
-            k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] not in in_subfolders
-        }
-        tensors = load_tensors_strict(path / WEIGHTS_NAME, expected, str(path))
-        model.load_state_dict(tensors, strict=False)
-        for key in ("image_start_id", "image_end_id"):
-            if getattr(model.backbone, key) != meta[key]:
-                raise CheckpointError(
-                    f"{path}: the tokenizer gives {key}={getattr(model.backbone, key)} but the "
-                    f"checkpoint was trained with {meta[key]}; the backbone/ tokenizer was changed"
-                )
-        return model
+        return saving.load_model(cls, path, dtype)
 
-    @staticmethod
-    def _load_component(
-        path: Path, kind: str, entry: dict[str, Any], dtype: str | None
-    ) -> nn.Module:
-        kwargs = dict(entry["kwargs"])
-        if "subfolder" in entry:
-            sub = path / entry["subfolder"]
-            if not sub.is_dir():
-                raise CheckpointError(
-                    f"{path}: the {kind} subfolder '{entry['subfolder']}/' is missing"
-                )
-            kwargs = dict(entry["load_kwargs"])
-            if SUBFOLDER in kwargs.values():
-                kwargs = {k: str(sub) if v == SUBFOLDER else v for k, v in kwargs.items()}
-            else:
-                kwargs["pretrained"] = str(sub)
-        if dtype is not None and kind == "backbone":
-            kwargs["dtype"] = dtype
-        return create(kind, entry["name"], **kwargs)
+    def present_kinds(self) -> tuple[str, ...]:
+        """The component kinds this model holds (the decoder only when one is attached)."""
+        return (*_KINDS, "decoder") if self.decoder is not None else _KINDS

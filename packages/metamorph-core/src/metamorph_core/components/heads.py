@@ -1,6 +1,6 @@
 """Vision heads: final backbone hidden state (``d``) -> predicted visual token (``c``).
 
-As the paper's code defines them *for heads* (DESIGN.md): ``linear`` is ``Linear(d, c)``;
+As the paper's code defines them *for heads* (docs/method.md): ``linear`` is ``Linear(d, c)``;
 ``mlp`` is ``Linear(d, d) GELU Linear(d, c)``; ``mlp{depth}x_gelu`` is ``depth`` times
 ``Linear(d, d) GELU`` then ``Linear(d, c)`` (so the paper's ``mlp2x_gelu`` has three linears).
 Outputs are L2-normalised by default, matching the normalised encoder targets.

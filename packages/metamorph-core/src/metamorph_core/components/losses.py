@@ -1,7 +1,7 @@
 """Visual losses, per token: ``(t, c)`` predictions and targets -> ``(t,)``.
 
 The model sums them over target tokens and divides by the count, so ranks and accumulation
-steps can be reduced exactly (DESIGN.md conventions).
+steps can be reduced exactly (docs/method.md, "Losses").
 """
 
 from __future__ import annotations

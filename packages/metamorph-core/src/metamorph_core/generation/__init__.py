@@ -1,4 +1,4 @@
-"""Interleaved generation: text and images from one model (DESIGN.md section 1, "inference").
+"""Interleaved generation: text and images from one model (docs/method.md, "Inference").
 
 Text is decoded token by token (greedy or sampled). When a sample emits ``<image_start>`` it
 regresses exactly ``num_image_tokens`` visual tokens, with the training alignment: the state
@@ -11,7 +11,7 @@ resumes, until EOS, a stop string or ``max_new_tokens``.
   sequence at every step instead: the research code's loop, kept as the reference.
 - Prompts of different lengths share a batch through left padding, an attention mask and
   position ids ``cumsum(mask) - 1``; each sample enters and leaves image mode on its own.
-- Classifier-free guidance on visual tokens (``guidance_scale != 1``) adds, per sample, the
+- Classifier-free guidance on visual tokens (``visual_guidance_scale != 1``) adds, per sample, the
   prompt-dropped conversation (:meth:`Conversation.drop_prompt`, the input prompt dropout
   trains) as a row of the same batched forward. That row follows its sample's tokens; a visual
   token is ``normalize(uncond + s * (cond - uncond))`` of the two normalised head outputs.
@@ -19,7 +19,13 @@ resumes, until EOS, a stop string or ``max_new_tokens``.
   them; :func:`generate_image` forces an image (the answer is prefilled with
   ``<image_start>``).
 
-Modules: :mod:`.config` (:class:`GenerationConfig`), :mod:`.outputs` (results and events),
+- Each completed image can be decoded to pixels by the model's visual decoder
+  (``decode_images``), sampled as ``decoding`` (:class:`~metamorph_core.decoding.DecodeConfig`)
+  says; the decoder's own ``guidance_scale`` is a different knob from the LLM's
+  ``visual_guidance_scale``.
+
+Generation needs only :class:`GenerativeModel` of a model (:mod:`.protocol`). Modules:
+:mod:`.config` (:class:`GenerationConfig`), :mod:`.outputs` (results and events),
 :mod:`.prompts` (prompts -> ids -> embeddings), :mod:`.loop` (the loop), :mod:`.sampling`,
 :mod:`.detokenize` (incremental text with stop strings).
 """
@@ -28,9 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from metamorph_core.generation.config import GenerationConfig
+from metamorph_core.generation.config import GenerationConfig, check_options
 from metamorph_core.generation.loop import stream_encoded, to_pil
 from metamorph_core.generation.outputs import (
     DoneEvent,
@@ -45,9 +51,7 @@ from metamorph_core.generation.prompts import (
     encode_prompts,
     to_conversations,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from metamorph_core.model import MetaMorphModel
+from metamorph_core.generation.protocol import GenerativeModel
 
 __all__ = [
     "DoneEvent",
@@ -55,6 +59,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationEvent",
     "GenerationResult",
+    "GenerativeModel",
     "ImageEvent",
     "Prompt",
     "TextEvent",
@@ -69,7 +74,7 @@ __all__ = [
 
 
 def stream(
-    model: MetaMorphModel,
+    model: GenerativeModel,
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
@@ -89,6 +94,7 @@ def stream(
     answer (after ``response_prefix``) is one image, see :func:`generate_image`. ``options``
     set or override :class:`GenerationConfig` fields.
     """
+    check_options(options)
     conversations = to_conversations(prompts, images)
     cfg = dataclasses.replace(config or GenerationConfig(), **options)
     encoded = encode_prompts(model, conversations, response_prefix, cfg, force_image)
@@ -96,7 +102,7 @@ def stream(
 
 
 def generate(
-    model: MetaMorphModel,
+    model: GenerativeModel,
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
@@ -112,7 +118,7 @@ def generate(
 
 
 def generate_image(
-    model: MetaMorphModel,
+    model: GenerativeModel,
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from metamorph_core.decoding import DecodeConfig
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -17,10 +19,12 @@ class GenerationConfig:
     from a generator seeded with ``seed + i`` (``None``: torch's global RNG). Generation of a
     sample stops at its EOS token or the template's end-of-turn token (unless ``ignore_eos``),
     or when its text contains one of the ``stop`` strings (the text is cut before it).
-    ``guidance_scale``: classifier-free guidance on visual tokens, ``1.0`` off.
+    ``visual_guidance_scale``: the LLM's classifier-free guidance on visual tokens, ``1.0`` off.
     ``decode_images``: turn each generated image into a PIL image with the attached decoder,
-    passing it ``decode_kwargs`` (e.g. ``steps``, ``guidance_scale``, ``seed`` for ``sd-unet``);
-    each image is decoded on its own as it completes, so its pixels do not depend on the batch.
+    sampled as ``decoding`` says (:class:`~metamorph_core.decoding.DecodeConfig`: scheduler,
+    steps, the decoder's own ``guidance_scale`` on pixels, seed; a dict of its fields is
+    converted); each image is decoded on its own as it completes, so its pixels do not depend
+    on the batch.
     ``use_cache=False`` recomputes the whole sequence at every step (for reference and
     benchmarks only: same results, much slower).
     """
@@ -33,15 +37,16 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    guidance_scale: float = 1.0
+    visual_guidance_scale: float = 1.0
     decode_images: bool = False
-    decode_kwargs: dict[str, Any] = field(default_factory=dict)
+    decoding: DecodeConfig = field(default_factory=DecodeConfig)
     use_cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "decoding", DecodeConfig.of(self.decoding))
         checks = [
             (
                 isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
@@ -66,8 +71,9 @@ class GenerationConfig:
                 f"stop strings must be non-empty strings, got {self.stop!r}",
             ),
             (
-                self.guidance_scale >= 0,
-                f"guidance_scale must be >= 0 (1.0: no guidance), got {self.guidance_scale}",
+                self.visual_guidance_scale >= 0,
+                "visual_guidance_scale must be >= 0 (1.0: no guidance), got "
+                f"{self.visual_guidance_scale}",
             ),
         ]
         for ok, message in checks:
@@ -81,3 +87,23 @@ class GenerationConfig:
                 f"{', '.join(changed)} only {verb} when sampling, but do_sample is False "
                 "(greedy decoding); set do_sample=True or leave the default"
             )
+
+
+# names of earlier versions -> what replaced them
+RENAMED = {
+    "guidance_scale": "visual_guidance_scale (the LLM's guidance on visual tokens; the "
+    "decoder's guidance on pixels is decoding=DecodeConfig(guidance_scale=...))",
+    "decode_kwargs": "decoding (a DecodeConfig, or a dict of its fields)",
+}
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Raise for keyword options that are not :class:`GenerationConfig` fields, naming what
+    replaced a renamed one."""
+    for old, new in RENAMED.items():
+        if old in options:
+            raise ValueError(f"generation option '{old}' is now {new}")
+    known = set(GenerationConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")

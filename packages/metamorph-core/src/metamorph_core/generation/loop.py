@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from metamorph_core.dtypes import module_dtype
 from metamorph_core.errors import ConversationError
 from metamorph_core.generation.config import GenerationConfig
 from metamorph_core.generation.detokenize import IncrementalText
@@ -25,10 +24,8 @@ from metamorph_core.generation.outputs import (
     TextEvent,
 )
 from metamorph_core.generation.prompts import EncodedPrompt, embed_prompts
+from metamorph_core.generation.protocol import GenerativeModel
 from metamorph_core.generation.sampling import choose_tokens, make_generators
-
-if TYPE_CHECKING:  # pragma: no cover
-    from metamorph_core.model import MetaMorphModel
 
 
 @dataclass
@@ -92,7 +89,7 @@ class _Rows:
         return out.hidden_states[:, -1]
 
 
-def _check_room(model: MetaMorphModel, prompts: Sequence[EncodedPrompt], force_image: bool) -> int:
+def _check_room(model: GenerativeModel, prompts: Sequence[EncodedPrompt], force_image: bool) -> int:
     """The context length; raise if a prompt leaves no room to generate."""
     limit = model.sequence_builder.max_length or 1 << 62
     need = model.num_image_tokens + 1 if force_image else 1  # the image and <image_end>, or a token
@@ -108,7 +105,7 @@ def _check_room(model: MetaMorphModel, prompts: Sequence[EncodedPrompt], force_i
     return limit
 
 
-def _stop_ids(model: MetaMorphModel) -> set[int]:
+def _stop_ids(model: GenerativeModel) -> set[int]:
     """EOS and the template's end-of-turn tokens (those stop strings that are one token)."""
     tok = model.backbone.tokenizer
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -118,7 +115,7 @@ def _stop_ids(model: MetaMorphModel) -> set[int]:
 
 
 def stream_encoded(
-    model: MetaMorphModel,
+    model: GenerativeModel,
     prompts: Sequence[EncodedPrompt],
     config: GenerationConfig,
     force_image: bool = False,
@@ -131,9 +128,10 @@ def stream_encoded(
         raise ValueError("generation needs at least one prompt")
     if config.decode_images:
         model.require_decoder()
-    if config.guidance_scale != 1.0 and any(p.unconditional is None for p in prompts):
+    if config.visual_guidance_scale != 1.0 and any(p.unconditional is None for p in prompts):
         raise ValueError(
-            f"guidance_scale={config.guidance_scale} needs every prompt's unconditional input; "
+            f"visual_guidance_scale={config.visual_guidance_scale} needs every prompt's "
+            "unconditional input; "
             "encode the prompts with encode_prompts(..., config) under the same config"
         )
     with torch.no_grad():
@@ -146,7 +144,7 @@ class _Loop:
 
     def __init__(
         self,
-        model: MetaMorphModel,
+        model: GenerativeModel,
         prompts: Sequence[EncodedPrompt],
         config: GenerationConfig,
         force_image: bool,
@@ -154,7 +152,7 @@ class _Loop:
         self.model, self.config, self.force_image = model, config, force_image
         self.limit = _check_room(model, prompts, force_image)
         self.b, self.n = len(prompts), model.num_image_tokens
-        self.guided = config.guidance_scale != 1.0
+        self.guided = config.visual_guidance_scale != 1.0
         builder, backbone = model.sequence_builder, model.backbone
         self.device = next(backbone.parameters()).device
         self.stop_ids = set() if config.ignore_eos else _stop_ids(model)
@@ -180,7 +178,6 @@ class _Loop:
     @torch.no_grad()
     def run(self) -> Iterator[GenerationEvent]:
         model, builder = self.model, self.model.sequence_builder
-        head_dtype, proj_dtype = module_dtype(model.head), module_dtype(model.projector)
         pad = model.backbone.embed(torch.tensor([builder.pad_id], device=self.device))[0]
         hidden = self.rows.prefill()  # (r, d)
         if self.force_image:
@@ -194,8 +191,8 @@ class _Loop:
             proj = None
             if visual:
                 idx = torch.tensor(visual, device=self.device)
-                pred = self._visual_tokens(hidden, idx, head_dtype)  # (v, c)
-                proj = model.projector(pred.to(proj_dtype))  # (v, d)
+                pred = self._visual_tokens(hidden, idx)  # (v, c)
+                proj = model.project_visual(pred)  # (v, d)
                 events += self._take_visual(visual, pred)
             for i in live:
                 if self.samples[i].remaining == 1:
@@ -224,20 +221,13 @@ class _Loop:
                 step, alive_t = torch.cat([step, step]), torch.cat([alive_t, alive_t])
             hidden = self.rows.step(step, alive_t)
 
-    def _visual_tokens(
-        self, hidden: torch.Tensor, idx: torch.Tensor, head_dtype: torch.dtype
-    ) -> torch.Tensor:
+    def _visual_tokens(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``(v, c)`` float32 tokens for rows ``idx``: the normalised head output or, under
         guidance, ``normalize(u + s * (c - u))`` of the conditional and unconditional ones."""
-
-        def head(rows: torch.Tensor) -> torch.Tensor:
-            out = self.model.head(hidden[rows].to(head_dtype)).float()
-            return F.normalize(out, dim=-1)
-
-        pred = head(idx)
+        pred = self.model.predict_visual_tokens(hidden[idx])
         if self.guided:
-            uncond = head(idx + self.b)
-            pred = F.normalize(uncond + self.config.guidance_scale * (pred - uncond), dim=-1)
+            uncond = self.model.predict_visual_tokens(hidden[idx + self.b])
+            pred = F.normalize(uncond + self.config.visual_guidance_scale * (pred - uncond), dim=-1)
         return pred
 
     def _take_visual(self, visual: list[int], pred: torch.Tensor) -> list[GenerationEvent]:
@@ -297,7 +287,7 @@ class _Loop:
 
     def _decode(self, tokens: torch.Tensor) -> Any:
         """``(n, c)`` tokens -> a PIL image through the attached decoder."""
-        pixels = self.model.decode_images(tokens[None], **self.config.decode_kwargs)
+        pixels = self.model.decode_images(tokens[None], self.config.decoding)
         return to_pil(pixels[0])
 
 

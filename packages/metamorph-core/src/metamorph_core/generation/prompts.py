@@ -7,18 +7,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from metamorph_core.conversation import IMAGE_PLACEHOLDER, Conversation, ImageFeatures, Turn
-from metamorph_core.dtypes import module_dtype
 from metamorph_core.errors import ConversationError
 from metamorph_core.generation.config import GenerationConfig
+from metamorph_core.generation.protocol import GenerativeModel
 from metamorph_core.sequence import EncodedSample
-
-if TYPE_CHECKING:  # pragma: no cover
-    from metamorph_core.model import MetaMorphModel
 
 Prompt = str | Conversation
 
@@ -67,7 +64,7 @@ class EncodedPrompt:
 
 
 def encode_prompts(
-    model: MetaMorphModel,
+    model: GenerativeModel,
     conversations: Sequence[Conversation],
     response_prefix: str | Sequence[str] = "",
     config: GenerationConfig | None = None,
@@ -75,11 +72,11 @@ def encode_prompts(
 ) -> list[EncodedPrompt]:
     """Render conversations with the model's template and the assistant header, then
     ``response_prefix`` (one string for all, or one per conversation) and ``<image_start>``
-    when ``force_image``. Under guidance (``config.guidance_scale != 1``) each prompt also gets
+    when ``force_image``. Under guidance (``config.visual_guidance_scale != 1``) each prompt also gets
     its unconditional version: :meth:`Conversation.drop_prompt`, rendered the same way."""
     builder = model.sequence_builder
     prefixes = per_prompt_prefixes(response_prefix, len(conversations))
-    guided = config is not None and config.guidance_scale != 1.0
+    guided = config is not None and config.visual_guidance_scale != 1.0
 
     def encode(conv: Conversation, prefix: str) -> EncodedSample:
         tail = builder.text_ids(prefix) if prefix else []
@@ -107,7 +104,7 @@ def per_prompt_prefixes(response_prefix: str | Sequence[str], n: int) -> list[st
     return prefixes
 
 
-def _image_tokens(model: MetaMorphModel, samples: Sequence[EncodedSample]) -> torch.Tensor | None:
+def _image_tokens(model: GenerativeModel, samples: Sequence[EncodedSample]) -> torch.Tensor | None:
     """Every prompt image's ``(n, c)`` tokens in slot order: features as given, the rest
     encoded in one batch. ``None`` when there are no images."""
     images = [img for s in samples for img in s.images]
@@ -122,13 +119,11 @@ def _image_tokens(model: MetaMorphModel, samples: Sequence[EncodedSample]) -> to
         pixels = model.encoder.preprocess([images[i] for i in raw]).to(device)
         for i, t in zip(raw, model.encode_images(pixels), strict=True):
             tokens[i] = t
-    out = torch.stack([t.float() for t in tokens if t is not None])
-    model._check_tokens(out, len(images) * model.num_image_tokens)
-    return out
+    return torch.stack([t.float() for t in tokens if t is not None])
 
 
 def embed_prompts(
-    model: MetaMorphModel, samples: Sequence[EncodedSample]
+    model: GenerativeModel, samples: Sequence[EncodedSample]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(r, l, d)`` input embeddings (image slots filled through the projector)
     and the ``(r, l)`` attention mask."""
@@ -144,9 +139,4 @@ def embed_prompts(
         for start in s.image_slots:
             slots[i, pad + start : pad + start + s.num_image_tokens] = True
     ids, mask, slots = ids.to(device), mask.to(device), slots.to(device)
-    embeds = model.backbone.embed(ids)
-    tokens = _image_tokens(model, samples)
-    if tokens is not None:
-        proj = model.projector(tokens.to(module_dtype(model.projector)))  # (images, n, d)
-        embeds = embeds.masked_scatter(slots[..., None], proj.to(embeds.dtype))
-    return embeds, mask
+    return model.embed_inputs(ids, slots, _image_tokens(model, samples)), mask

@@ -47,6 +47,8 @@ KIND_HOOKS: dict[str, str] = {
     "loss": "register_losses",
     "template": "register_templates",
     "task": "register_tasks",
+    "objective": "register_objectives",
+    "command": "register_commands",
 }
 
 
@@ -93,3 +95,19 @@ def register_tasks(register: Register) -> None:
 @hookspec
 def register_templates(register: Register) -> None:
     """Register conversation templates (:class:`metamorph_core.conversation.ChatTemplate`)."""
+
+
+@hookspec
+def register_objectives(register: Register) -> None:
+    """Register training objectives: what ``metamorph train`` optimises, named by a recipe's
+    ``objective:`` (the interface, :class:`metamorph_train.objectives.Objective`, lives in
+    metamorph-train; core only names the hook)."""
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register subcommands of the ``metamorph`` command line. The factory is a ``configure``
+    function: it adds the command's arguments to an ``argparse`` parser and returns the
+    function that runs it (``run(args) -> exit code``); see :mod:`metamorph_core.cli`. Keep
+    the module that defines it light (import torch inside ``run``) so ``metamorph --help``
+    stays fast."""

@@ -1,6 +1,6 @@
 """The component registry: discovers plugins through entry points and creates components by name.
 
-Rules (DESIGN.md section 3):
+Rules (docs/architecture.md, "Plugins"):
 - plugins load lazily, on the first registry use;
 - a plugin that fails to import or register is reported (distribution and error) and skipped,
   unless ``METAMORPH_STRICT_PLUGINS=1``, which turns that into :class:`PluginLoadError`;

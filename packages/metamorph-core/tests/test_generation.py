@@ -1,17 +1,15 @@
-"""Interleaved generation (issue #6) on a tiny model trained for a few steps, so that greedy
-choices are not near-ties: KV cache against the recompute loop, batching against one sample at
-a time, the VPiT alignment recomputed by hand, guidance, sampling, streaming, bad input, CLI."""
+"""Interleaved generation on a tiny model trained for a few steps, so that greedy choices are
+not near-ties: KV cache against the recompute loop, batching against one sample at a time, the
+VPiT alignment recomputed by hand, guidance, sampling, streaming, bad input. (Decoding to pixels
+and `metamorph generate` need a decoder package: tests/test_generate_command.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import MetaMorphModel
 from metamorph_core.conversation import Conversation, ImageFeatures, Turn
 from metamorph_core.errors import ConversationError
 from metamorph_core.generation import (
@@ -24,11 +22,9 @@ from metamorph_core.generation import (
 )
 from metamorph_core.generation.detokenize import IncrementalText
 from metamorph_core.testing import build_tiny_tokenizer, tiny_model_config
-from metamorph_decoders.testing import tiny_unet_config
+from metamorph_core.testing.samples import random_image as image
+from metamorph_core.testing.trained import ANSWER, BLUE, RED, solid, train
 
-RED = "generate an image of a red square"
-BLUE = "a blue circle"
-ANSWER = "here is an image based on your request: "
 PROMPTS = [
     RED,
     BLUE,
@@ -36,51 +32,6 @@ PROMPTS = [
     Conversation([Turn("user", "<image>\nwhat colour is the shape?")], [image(3)]),
 ]
 TOL = 1e-5
-
-
-def solid(rgb: tuple[float, float, float]) -> torch.Tensor:
-    return torch.tensor(rgb)[:, None, None].expand(3, 16, 16).clone()
-
-
-def training_set() -> list[Conversation]:
-    gen = [
-        Conversation([Turn("user", RED), Turn("assistant", ANSWER + "<image>")], [image(1)]),
-        # the image mid-answer: text resumes after <image_end>
-        Conversation(
-            [Turn("user", BLUE), Turn("assistant", "sure: <image> a blue circle.")], [image(2)]
-        ),
-    ]
-    edit = [  # image-to-image: the answer depends on the prompt image
-        Conversation(
-            [Turn("user", "<image>\nmake it blue"), Turn("assistant", "<image>")],
-            [solid(colour), solid((0.1, 0.1, 0.9))],
-        )
-        for colour in ((0.9, 0.1, 0.1), (0.1, 0.9, 0.1))
-    ]
-    other = edit + [
-        Conversation([Turn("user", "two plus three"), Turn("assistant", "five")]),
-        Conversation(
-            [
-                Turn("user", "<image>\nwhat colour is the shape?"),
-                Turn("assistant", "the shape is red."),
-            ],
-            [image(3)],
-        ),
-    ]
-    return gen + other + [c.drop_prompt() for c in gen]  # prompt dropout: the uncond branch
-
-
-def train(model: MetaMorphModel, steps: int = 60) -> MetaMorphModel:
-    batch = model.prepare_batch(training_set())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, return_logits=False).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +144,9 @@ def test_guidance_runs_both_branches_in_one_forward(model):
         lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True
     )
     try:
-        guided = model.generate_image([RED, BLUE], response_prefix=ANSWER, guidance_scale=scale)
+        guided = model.generate_image(
+            [RED, BLUE], response_prefix=ANSWER, visual_guidance_scale=scale
+        )
     finally:
         hook.remove()
     # cond + uncond rows in every forward: the prefill, then one per visual token but the last
@@ -221,16 +174,18 @@ def test_guidance_runs_both_branches_in_one_forward(model):
 
     plain = model.generate_image([RED, BLUE], response_prefix=ANSWER)
     assert not torch.allclose(plain[0].images[0], guided[0].images[0], atol=1e-3)
-    same(plain, model.generate_image([RED, BLUE], response_prefix=ANSWER, guidance_scale=1.0))
+    same(
+        plain, model.generate_image([RED, BLUE], response_prefix=ANSWER, visual_guidance_scale=1.0)
+    )
     same(
         guided,
         [
-            model.generate_image(p, response_prefix=ANSWER, guidance_scale=scale)[0]
+            model.generate_image(p, response_prefix=ANSWER, visual_guidance_scale=scale)[0]
             for p in (RED, BLUE)
         ],
     )
     # in free generation, text comes from the conditional rows only
-    free = model.generate([RED, BLUE], max_new_tokens=40, guidance_scale=scale)
+    free = model.generate([RED, BLUE], max_new_tokens=40, visual_guidance_scale=scale)
     assert [r.text for r in free] == [ANSWER + "<image>", "sure: <image> a blue circle."]
 
 
@@ -326,7 +281,9 @@ def test_context_limits(backbone_dirs, model):
         ({"do_sample": True, "top_k": -1}, "top_k must be an integer >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
         ({"top_p": 0.9}, "top_p only applies when sampling.*do_sample=True"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"visual_guidance_scale": -1.0}, "visual_guidance_scale must be >= 0"),
+        ({"decoding": {"steps": 0}}, "decoder steps must be an integer >= 1"),
+        ({"decoding": {"stepz": 2}}, r"unknown decoder option\(s\) \['stepz'\]"),
         ({"stop": [""]}, "stop strings must be non-empty"),
     ],
 )
@@ -336,8 +293,13 @@ def test_invalid_settings_are_refused(options, match):
 
 
 def test_bad_input_is_refused_clearly(model, tmp_path):
-    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+    with pytest.raises(ValueError, match=r"unknown generation option\(s\) \['temprature'\]"):
         model.generate(RED, temprature=0.5)
+    # the two guidance knobs have their own names; the old shared one says where each went
+    with pytest.raises(ValueError, match="'guidance_scale' is now visual_guidance_scale"):
+        model.generate_image(RED, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="'decode_kwargs' is now decoding"):
+        model.generate(RED, decode_kwargs={"steps": 2})
     with pytest.raises(ValueError, match="no visual decoder is attached.*attach_decoder"):
         model.generate(RED, decode_images=True)
     with pytest.raises(ValueError, match="no visual decoder"):  # when called, not when iterated
@@ -352,67 +314,3 @@ def test_bad_input_is_refused_clearly(model, tmp_path):
         model.generate(Conversation([Turn("user", RED), Turn("assistant", "here")]))
     with pytest.raises(ConversationError, match="placeholder"):
         model.generate("<image> and <image>", [image(1)])
-
-
-def tiny_decoder(model: MetaMorphModel):
-    return create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
-        context_length=8,
-        seed=0,
-    )
-
-
-def test_cli_writes_text_and_png(model, tmp_path, capsys):
-    pytest.importorskip("metamorph_decoders")
-    from PIL import Image
-
-    from metamorph_train.cli import main
-
-    model.attach_decoder(tiny_decoder(model).eval())
-    try:
-        ckpt = model.save_pretrained(tmp_path / "model")
-        (r,) = model.generate(RED, decode_images=True, decode_kwargs={"steps": 2, "seed": 0})
-    finally:
-        model.decoder = None
-        model.config.decoder = None
-    assert len(r.pil_images) == 1 and r.pil_images[0].size == (16, 16)
-
-    out = tmp_path / "out"
-    argv = ["generate", "--model", str(ckpt), RED, "--out", str(out)]
-    assert main([*argv, "--decoder-kwargs", '{"steps": 2, "seed": 0}']) == 0
-    assert capsys.readouterr().out.strip() == ANSWER + "<image>"  # streamed to stdout
-    assert (out / "text.txt").read_text().strip() == ANSWER + "<image>"
-    record = json.loads((out / "result.json").read_text())
-    assert record["images"] == ["image-0.png"] and record["finish_reason"] == "stop"
-    with Image.open(out / "image-0.png") as png:
-        assert png.size == (16, 16) and png.mode == "RGB"
-    assert (out / "visual_tokens.safetensors").is_file()
-
-    forced = tmp_path / "forced"
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(ckpt),
-                "a green star",
-                "--out",
-                str(forced),
-                "--force-image",
-                "--decoder-kwargs",
-                '{"steps": 2}',
-            ]
-        )
-        == 0
-    )
-    assert (forced / "image-0.png").is_file()
-
-    assert main([*argv, "--image", str(tmp_path / "missing.png")]) == 2
-    assert "--image" in capsys.readouterr().err
-    assert main([*argv, "--do-sample", "--top-p", "0"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import generation, text_only, understanding
 from safetensors.torch import load_file, save_file
 
 from metamorph_core import MetaMorphModel
 from metamorph_core.errors import CheckpointError
+from metamorph_core.testing.samples import generation, text_only, understanding
 
 
 def _trained_a_little(model):
@@ -95,7 +95,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(make_model, tmp_path, mon
     path = model.save_pretrained(tmp_path / "ckpt")
     before = (path / "model.safetensors").read_bytes()
 
-    import metamorph_core.model as model_module
+    import metamorph_core.saving as model_module
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

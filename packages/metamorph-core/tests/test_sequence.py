@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import image
 
 from metamorph_core import create
 from metamorph_core.conversation import Conversation, Turn
 from metamorph_core.errors import ConversationError
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder
+from metamorph_core.testing.samples import random_image as image
 
 
 def _builder(backbone, template="llama3", **kw) -> SequenceBuilder:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import generation, understanding
 from PIL import Image
 
 from metamorph_core import create
 from metamorph_core.conversation import Conversation
 from metamorph_core.errors import ConversationError
 from metamorph_core.testing import check_encoder
+from metamorph_core.testing.samples import generation, understanding
 
 
 def test_tiny_encoder_passes_the_conformance_suite():

@@ -1,4 +1,4 @@
-"""Plugin rules (DESIGN.md section 3), exercised through real entry-point discovery: each test
+"""Plugin rules (docs/architecture.md), exercised through real entry-point discovery: each test
 distribution below is a dist-info folder on sys.path, as pip would install it."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import generation
 
 from metamorph_core import MetaMorphModel, hookimpl
 from metamorph_core.errors import (
@@ -24,6 +23,7 @@ from metamorph_core.errors import (
 )
 from metamorph_core.plugins.registry import create, get_registry, reset_registry
 from metamorph_core.testing import tiny_model_config
+from metamorph_core.testing.samples import generation
 
 THIRD_PARTY = """
 import torch
@@ -97,7 +97,7 @@ def test_third_party_component_by_name_without_editing_our_source(site, backbone
     # and `metamorph plugins --json` lists it, in a fresh process
     env = {**os.environ, "PYTHONPATH": str(site)}
     res = subprocess.run(
-        [sys.executable, "-m", "metamorph_train.cli", "plugins", "--json"],
+        [sys.executable, "-m", "metamorph_core.cli", "plugins", "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -292,7 +292,7 @@ def test_mismatched_components_name_both_and_both_numbers(site, backbone_dirs):
 
 def test_cli_help_imports_no_torch():
     code = (
-        "import sys\nfrom metamorph_train.cli import main\n"
+        "import sys\nfrom metamorph_core.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "main(['plugins'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -300,3 +300,67 @@ def test_cli_help_imports_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "plugins" in res.stdout and "tiny-patch" in res.stdout
+
+
+COMMANDS = """
+from metamorph_core import hookimpl
+
+def configure(parser):
+    parser.add_argument("--times", type=int, default=1)
+    return lambda args: print("hello " * args.times) or 0
+
+@hookimpl
+def register_commands(register):
+    register("hello", "mm_cmd:configure", description="say hello")
+    register("ghost", "mm_cmd_missing:configure", description="points nowhere")
+"""
+
+
+def _metamorph(site, *args, env=None):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METAMORPH_")}
+    env = {**base, "PYTHONPATH": str(site), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "metamorph_core.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def test_a_third_party_command_joins_metamorph(site):
+    make_distribution(site, "mm-cmd", "mm_cmd", COMMANDS, "cmd")
+    res = _metamorph(site, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "hello" in res.stdout and "say hello [mm-cmd]" in res.stdout
+    assert "generate" in res.stdout and "[metamorph-core]" in res.stdout
+    res = _metamorph(site, "hello", "--times", "2")
+    assert res.returncode == 0 and res.stdout.strip() == "hello hello"
+    # a command whose module is missing fails alone, naming its distribution
+    res = _metamorph(site, "ghost")
+    assert res.returncode == 2
+    assert "'mm_cmd_missing:configure', which cannot be imported" in res.stderr
+    assert "mm-cmd" in res.stderr
+    assert _metamorph(site, "plugins").returncode == 0
+
+
+def test_a_broken_command_plugin_is_reported_and_skipped(site):
+    make_distribution(
+        site, "mm-broken", "mm_broken", "raise ImportError('needs libfoo')\n", "broken"
+    )
+    res = _metamorph(site, "--help")
+    assert res.returncode == 0
+    assert "skipped plugin 'broken' (mm-broken)" in res.stderr and "needs libfoo" in res.stderr
+    assert "generate" in res.stdout  # the other commands are all there
+    strict = _metamorph(site, "--help", env={"METAMORPH_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 2 and "mm-broken" in strict.stderr
+
+
+def test_only_cores_commands_without_the_other_packages(site):
+    """With core's entry point alone (as when only metamorph-core is installed), `metamorph`
+    has core's commands and names the package that brings a missing first-party one."""
+    res = _metamorph(site, "plugins", "--json", env={"METAMORPH_LOAD_PLUGINS": "core"})
+    commands = {r["name"] for r in json.loads(res.stdout) if r["kind"] == "command"}
+    assert commands == {"plugins", "generate", "merge-lora"}
+    res = _metamorph(site, "train", "r.yaml", env={"METAMORPH_LOAD_PLUGINS": "core"})
+    assert res.returncode == 2
+    assert "'train' comes with the metamorph-train package" in res.stderr

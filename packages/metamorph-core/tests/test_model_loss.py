@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generation, image, text_only, understanding
 
 from metamorph_core.conversation import Conversation, Turn
 from metamorph_core.sequence import IGNORE_INDEX
+from metamorph_core.testing.samples import generation, text_only, understanding
+from metamorph_core.testing.samples import random_image as image
 
 
 def _trained_text(model, ids, labels) -> str:
