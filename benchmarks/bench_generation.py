@@ -146,7 +146,7 @@ def main() -> int:
         model = build_model(Path(tmp), args.device, TINY_BACKBONE if args.smoke else None)
     n = model.num_image_tokens
     cached, recompute = GenerationConfig(), GenerationConfig(use_cache=False)
-    guided = GenerationConfig(guidance_scale=3.0)
+    guided = GenerationConfig(visual_guidance_scale=3.0)
     for b in batches:
         batch = prompts(model, b, image=True)
         fast = generate(model, batch, cached, True)
@@ -189,7 +189,7 @@ def main() -> int:
             Case(
                 f"image b{b}: KV cache + guidance 3.0",
                 lambda batch=guided_batch: generate(model, batch, guided, True),
-                {**cfg, "guidance_scale": 3.0, "uncond_prompt_tokens": 9},
+                {**cfg, "visual_guidance_scale": 3.0, "uncond_prompt_tokens": 9},
                 counts,
             ),
             baseline=f"image b{b}: KV cache",

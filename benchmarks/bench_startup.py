@@ -28,7 +28,7 @@ IMPORT_MARGIN_S, HELP_LIMIT_S = 0.5, 1.0
 # run in a fresh process: which heavy modules does the CLI load for these arguments?
 _PROBE = """
 import json, sys
-from metamorph_train.cli import main
+from metamorph_core.cli import main
 loaded = {}
 for argv in (["--help"], ["plugins"]):
     sys.argv = ["metamorph", *argv]
@@ -48,7 +48,7 @@ def run(argv: list[str]) -> None:
 def cli_command() -> list[str]:
     """The installed ``metamorph`` script next to this interpreter, else ``python -m``."""
     script = Path(sys.executable).parent / "metamorph"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "metamorph_train.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "metamorph_core.cli"]
 
 
 def main() -> int:

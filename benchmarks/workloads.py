@@ -325,15 +325,15 @@ def vpit_loss(objective: Any, batch: dict[str, Any]) -> Callable[[], torch.Tenso
     return loss
 
 
-def trainable(objective: Any, recipe: str = "full") -> list[torch.nn.Parameter]:
-    """The parameters metamorph's VPiT ``recipe`` (``full``, ``lora``, ``projector``) tunes;
+def trainable(objective: Any, policy: str = "full") -> list[torch.nn.Parameter]:
+    """The parameters metamorph's VPiT ``policy`` (``full``, ``lora``, ``projector``) tunes;
     as the trainer does, every other parameter stops requiring grad."""
-    from metamorph_train.recipe import VPIT_RECIPES
+    from metamorph_train.objectives import POLICIES
 
-    pick = VPIT_RECIPES[recipe]
+    pick = POLICIES[policy].select
     chosen = []
     for name, param in objective.module.named_parameters():
-        keep = pick(name, param) and objective.trainable(name, param)
+        keep = pick(objective.module, name, param)
         param.requires_grad_(keep)
         if keep:
             chosen.append(param)

@@ -11,6 +11,7 @@ from metamorph_core import MetaMorphModel
 from metamorph_core.conversation import Conversation, Turn
 from metamorph_core.testing import samples, tiny_model_config
 from metamorph_train.data import Mixture
+from metamorph_train.objectives import VPiTObjective
 from metamorph_train.trainer import Trainer, TrainerConfig
 
 
@@ -73,8 +74,8 @@ def main() -> None:
         max_grad_norm=None,
         strategy=strategy,
     )
-    pick = (lambda n, p: p.requires_grad and not n.startswith("encoder.")) if lora else None
-    trainer = Recording(model, data, cfg, trainable=pick, log=None)
+    objective = VPiTObjective(model, policy="lora" if lora else "full")
+    trainer = Recording(objective, data, cfg, log=None)
     trainer.seen = []
     if trainer.strategy == "fsdp":  # really sharded: every trainable parameter is a DTensor
         from torch.distributed.tensor import DTensor

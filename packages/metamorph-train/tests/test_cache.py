@@ -100,7 +100,7 @@ def test_cli_builds_a_cache(dataset, tmp_path):
         [
             sys.executable,
             "-m",
-            "metamorph_train.cli",
+            "metamorph_core.cli",
             "cache-features",
             "--data",
             str(dataset / "data.jsonl"),

@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from metamorph_core.testing import build_tiny_tokenizer, save_tiny_backbone
-from metamorph_train.recipe import load_recipe, run_recipe
+from metamorph_train.recipe import load_recipe
+from metamorph_train.runner import run_recipe
 
 RECIPES = Path(__file__).parents[3] / "examples" / "recipes"
 
@@ -110,16 +111,9 @@ def test_the_files_parse_as_written():
     assert load_recipe(RECIPES / "paper-stage2-full.yaml").train.strategy == "fsdp"
     decoder = load_recipe(RECIPES / "paper-decoder-sd15.yaml")
     assert decoder.model.decoder["kwargs"]["context_length"] == 77
-    assert load_recipe(RECIPES / "qwen-lora.yaml").lora["r"] == 64
+    assert load_recipe(RECIPES / "qwen-lora.yaml").options.lora["r"] == 64
     for path in RECIPES.glob("*.yaml"):  # comments aside, nothing the loader ignores
-        assert set(yaml.safe_load(path.read_text())) <= {
-            "recipe",
-            "model",
-            "data",
-            "train",
-            "init_from",
-            "lora",
-        }
+        assert set(yaml.safe_load(path.read_text())) <= {"objective", "model", "data", "train"}
 
 
 def test_paper_stages_build_and_train_with_stand_ins(stand_ins, tmp_path):
@@ -135,7 +129,7 @@ def test_paper_stages_build_and_train_with_stand_ins(stand_ins, tmp_path):
     first = run_recipe(stage1, log=None)
     stage2 = load_recipe(
         RECIPES / "paper-stage2-full.yaml",
-        _overrides(stand_ins, tmp_path / "stage2", [f"init_from={first['saved']}"]),
+        _overrides(stand_ins, tmp_path / "stage2", [f"objective.init_from={first['saved']}"]),
     )
     second = run_recipe(stage2, log=None)
     assert second["step"] == 1 and Path(second["saved"]).is_dir()
@@ -160,7 +154,7 @@ def test_qwen_lora_builds_and_trains_with_stand_ins(stand_ins, tmp_path):
             [
                 f"model.encoder.kwargs.pretrained={stand_ins / 'siglip'}",
                 f"model.backbone.kwargs.pretrained={stand_ins / 'qwen2'}",
-                "lora.r=4",
+                "objective.lora.r=4",
             ],
         ),
     )

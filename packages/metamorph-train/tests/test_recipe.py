@@ -50,7 +50,7 @@ def project(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     backbone = save_tiny_backbone(tmp_path / "llm", "qwen2")
     recipe = {
-        "recipe": "full",
+        "objective": {"name": "vpit", "policy": "full"},
         "model": {
             "encoder": {
                 "name": "tiny-patch",
@@ -81,8 +81,44 @@ def test_overrides_and_unknown_keys(project):
         load_recipe(project / "recipe.yaml", ["data.sources=[{path: x, root: y}]"])
     with pytest.raises(ValueError, match="recipe key 'train.steps' = 'many' is not a int"):
         load_recipe(project / "recipe.yaml", ["train.steps=many"])
-    with pytest.raises(ValueError, match="unknown recipe 'lora2'"):
-        load_recipe(project / "recipe.yaml", ["recipe=lora2"])
+    with pytest.raises(ValueError, match="'objective.policy' = 'lora2' is not a VPiT policy"):
+        load_recipe(project / "recipe.yaml", ["objective.policy=lora2"])
+    with pytest.raises(ValueError, match="unknown objective 'vpit2'. Known objectives: "):
+        load_recipe(project / "recipe.yaml", ["objective.name=vpit2"])
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['objective.pack'\]"):
+        load_recipe(project / "recipe.yaml", ["objective.pack=4"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("recipe=lora", "'recipe: lora' is now 'objective': write `objective: {name: vpit, "),
+        ("recipe=lm-pretrain", "write `objective: causal-lm`"),
+        ("init_from=ckpt", "recipe key 'init_from' moved to objective.init_from"),
+        ("lora={r: 4}", "recipe key 'lora' moved to objective.lora"),
+        (
+            "train.prompt_dropout=0.1",
+            r"\['train.prompt_dropout'\] moved to the VPiT objective's "
+            "section: objective.prompt_dropout",
+        ),
+        ("train.pack_to=64", "objective.pack_to"),
+    ],
+)
+def test_keys_of_the_old_layout_name_their_new_place(project, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(project / "recipe.yaml", [override])
+
+
+def test_a_recipe_without_an_objective_names_the_known_ones(project):
+    tree = yaml.safe_load((project / "recipe.yaml").read_text())
+    del tree["objective"]
+    (project / "bare.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ValueError, match=r"needs an objective.*'vpit'"):
+        load_recipe(project / "bare.yaml")
+    tree["objective"] = "vpit"  # a bare name: the objective's defaults, still overridable
+    (project / "bare.yaml").write_text(yaml.safe_dump(tree))
+    recipe = load_recipe(project / "bare.yaml", ["objective.policy=projector"])
+    assert recipe.objective == "vpit" and recipe.options.policy == "projector"
 
 
 def test_metamorph_train_runs_a_recipe_end_to_end(project):
@@ -90,7 +126,7 @@ def test_metamorph_train_runs_a_recipe_end_to_end(project):
         [
             sys.executable,
             "-m",
-            "metamorph_train.cli",
+            "metamorph_core.cli",
             "train",
             str(project / "recipe.yaml"),
             "train.steps=6",
@@ -108,14 +144,14 @@ def test_metamorph_train_runs_a_recipe_end_to_end(project):
 
 
 def test_lora_recipe_trains_saves_reloads_and_merges(project):
-    run = [sys.executable, "-m", "metamorph_train.cli"]
+    run = [sys.executable, "-m", "metamorph_core.cli"]
     res = subprocess.run(
         run
         + [
             "train",
             str(project / "recipe.yaml"),
-            "recipe=lora",
-            "lora={r: 16, alpha: 64}",
+            "objective.policy=lora",
+            "objective.lora={r: 16, alpha: 64}",
             "train.steps=80",
             "train.lr=1e-2",
             "train.log_every=1",
@@ -164,8 +200,8 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
     under FSDP2 + LoRA it is written from gathered weights (peft cannot save shards); with
     meta-device initialisation rank 1 never loads the weights itself."""
     args = [
-        f"recipe={recipe}",
-        "lora={r: 8, alpha: 16}" if recipe == "lora" else "lora=null",
+        f"objective.policy={recipe}",
+        "objective.lora={r: 8, alpha: 16}" if recipe == "lora" else "objective.lora=null",
         "train.steps=2",
         "train.lr=1e-2",
         f"train.strategy={strategy}",
@@ -180,7 +216,7 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
             "--nproc_per_node=2",
             f"--master_port={free_port()}",
             "-m",
-            "metamorph_train.cli",
+            "metamorph_core.cli",
             "train",
             str(project / "recipe.yaml"),
             *args,
@@ -202,7 +238,8 @@ def _matches_one_process(project, args, two, lora=False):
     import torch
 
     from metamorph_core.testing import samples
-    from metamorph_train.recipe import load_recipe, run_recipe
+    from metamorph_train.recipe import load_recipe
+    from metamorph_train.runner import run_recipe
 
     one = load_recipe(
         project / "recipe.yaml",
@@ -244,7 +281,7 @@ def test_two_nodes_meet_through_torchrun_rendezvous(project):
                 f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=metamorph-test",
                 "-m",
-                "metamorph_train.cli",
+                "metamorph_core.cli",
                 "train",
                 str(project / "recipe.yaml"),
                 *args,

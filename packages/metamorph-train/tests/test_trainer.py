@@ -19,6 +19,7 @@ from metamorph_core import MetaMorphModel
 from metamorph_core.errors import CheckpointError
 from metamorph_core.testing import samples, save_tiny_backbone, tiny_model_config
 from metamorph_train.data import Mixture
+from metamorph_train.objectives import VPiTObjective
 from metamorph_train.trainer import Trainer, TrainerConfig
 
 SCRIPT = Path(__file__).with_name("train_script.py")
@@ -36,9 +37,10 @@ def _data(seed=0):
     return Mixture({"mixed": convs}, {"mixed": 1.0}, seed=seed)
 
 
-def _model(backbone):
+def _model(backbone, **options):
+    """The VPiT objective of a fresh tiny model (``options``: VPiTObjective's)."""
     torch.manual_seed(0)
-    return MetaMorphModel.from_config(tiny_model_config(backbone))
+    return VPiTObjective(MetaMorphModel.from_config(tiny_model_config(backbone)), **options)
 
 
 def test_a_short_full_run_lowers_both_losses(backbone, tmp_path):
@@ -123,9 +125,9 @@ def test_resuming_another_runs_directory_is_refused(backbone, tmp_path):
 
 def test_prompt_dropout_drops_only_generation_prompts(backbone, tmp_path):
     trainer = Trainer(
-        _model(backbone),
+        _model(backbone, prompt_dropout=0.5),
         _data(),
-        TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12, prompt_dropout=0.5),
+        TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12),
         log=None,
     )
     seen = []
@@ -154,8 +156,8 @@ def test_bf16_autocast_step_runs_and_learns(backbone, tmp_path):
 
 
 def test_visual_input_noise_reaches_the_model_from_the_steps_seed(backbone, tmp_path):
-    cfg = TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12, visual_input_noise=0.5)
-    trainer = Trainer(_model(backbone), _data(), cfg, log=None)
+    cfg = TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=12)
+    trainer = Trainer(_model(backbone, visual_input_noise=0.5), _data(), cfg, log=None)
     convs = [samples.understanding(0), samples.generation(1)]
     batch = trainer.objective.batch(convs, seed=17)
     assert batch["input_noise"] == (0.5, 17)
@@ -165,5 +167,27 @@ def test_visual_input_noise_reaches_the_model_from_the_steps_seed(backbone, tmp_
     off = Trainer(_model(backbone), _data(), off, log=None)
     assert "input_noise" not in off.objective.batch(convs, seed=17)
     with pytest.raises(ValueError, match="visual_input_noise must be >= 0"):
-        bad = TrainerConfig(output_dir=str(tmp_path / "x"), steps=1, visual_input_noise=-1.0)
-        Trainer(_model(backbone), _data(), bad, log=None)
+        _model(backbone, visual_input_noise=-1.0)
+
+
+def test_the_trainer_logs_which_parameter_groups_train(backbone, tmp_path):
+    lines = []
+    cfg = TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=2)
+    Trainer(_model(backbone, policy="projector"), _data(), cfg, log=lines.append)
+    training, frozen = lines[:2]
+    assert training.startswith("training: projector (4 tensors, ") and "head" not in training
+    for group in ("backbone", "encoder", "head"):
+        assert f"{group} (" in frozen
+    Trainer(_model(backbone), _data(), cfg, log=lines.append)  # policy full: all but the encoder
+    training, frozen = lines[-2:]
+    assert all(f"{g} (" in training for g in ("backbone", "head", "projector"))
+    assert frozen.startswith("frozen: encoder (")
+
+
+def test_the_trainer_takes_an_objective(backbone, tmp_path):
+    model = _model(backbone).module
+    cfg = TrainerConfig(output_dir=str(tmp_path), steps=1)
+    with pytest.raises(TypeError, match=r"VPiTObjective\(model, policy='full'\)"):
+        Trainer(model, _data(), cfg, log=None)
+    with pytest.raises(ValueError, match="policy 'lora' trains LoRA weights, but the model"):
+        VPiTObjective(model, policy="lora")

@@ -8,6 +8,7 @@ import torch
 from metamorph_core import MetaMorphModel
 from metamorph_core.testing import samples, tiny_model_config
 from metamorph_train.data import Mixture
+from metamorph_train.objectives import VPiTObjective
 from metamorph_train.trainer import Trainer, TrainerConfig
 
 
@@ -41,7 +42,7 @@ def main() -> None:
         keep_last=2,
         log_every=1,
     )
-    summary = Trainer(model, data, cfg, log=None).run()
+    summary = Trainer(VPiTObjective(model), data, cfg, log=None).run()
     print("done", summary["step"])
 
 

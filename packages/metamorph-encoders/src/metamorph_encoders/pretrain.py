@@ -7,14 +7,14 @@ repeat captions, and treating those pairs as negatives (as the diagonal-only los
 ``SiglipModel(return_loss=True)`` does) fights the very alignment we want. Without repeats the
 two losses are equal. :func:`save_siglip` writes a regular
 ``save_pretrained`` directory (model, tokenizer, image processor) that the ``siglip`` encoder
-loads like any other. The training recipe (issue #5) wraps :func:`train_siglip`.
+loads like any other. Training runs in metamorph-train's trainer: the ``siglip`` objective
+(``metamorph train`` with ``objective: siglip``) uses these pieces.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,68 +101,6 @@ def sigmoid_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor) -> to
     return -torch.nn.functional.logsigmoid(z * logits_per_text).sum() / logits_per_text.shape[0]
 
 
-@dataclass
-class SiglipTrainConfig:
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    seed: int = 0
-    log_every: int = 50
-
-
-def train_siglip(
-    model: Any,
-    tokenizer: Any,
-    images: Any,
-    captions: Sequence[str],
-    config: SiglipTrainConfig | None = None,
-    log: Callable[[str], None] | None = print,
-) -> list[float]:
-    """Train ``model`` on image-caption pairs with the sigmoid loss; returns the step losses.
-
-    ``images``: raw images, anything :class:`ImageTransform` reads (tensors in [0, 1]); they are
-    preprocessed exactly as the ``siglip`` encoder will preprocess them after saving. Batches are drawn without replacement per epoch from a
-    generator seeded by ``config.seed``. AdamW, linear warm-up then cosine decay.
-    """
-    from transformers import get_cosine_schedule_with_warmup
-
-    cfg = config or SiglipTrainConfig()
-    pixels = _pixels(model, images)
-    ids = tokenize_captions(tokenizer, captions, model.config.text_config.max_position_embeddings)
-    if len(ids) != len(pixels):
-        raise ValueError(
-            f"{len(pixels)} images but {len(ids)} captions; pass one caption per image"
-        )
-    if len(pixels) < 2:
-        raise ValueError("the sigmoid loss needs at least 2 pairs per batch")
-    device = next(model.parameters()).device
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    losses = []
-    batch = min(cfg.batch_size, len(pixels))
-    for step in range(1, cfg.steps + 1):
-        if len(order) < batch:
-            order = torch.randperm(len(pixels), generator=gen).tolist()
-        idx, order = order[:batch], order[batch:]
-        batch_ids = ids[idx].to(device)
-        out = model(input_ids=batch_ids, pixel_values=pixels[idx].to(device))
-        loss = sigmoid_loss(out.logits_per_text, batch_ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if log is not None and (step == 1 or step % cfg.log_every == 0 or step == cfg.steps):
-            log(f"siglip step {step}/{cfg.steps}  loss {losses[-1]:.4f}")
-    model.eval()
-    return losses
-
-
 @torch.no_grad()
 def retrieval_accuracy(
     model: Any, tokenizer: Any, images: Any, captions: Sequence[str]
@@ -216,7 +154,6 @@ def _pixels(model: Any, images: Any) -> torch.Tensor:
 
 
 __all__ = [
-    "SiglipTrainConfig",
     "build_siglip",
     "retrieval_accuracy",
     "save_siglip",
@@ -224,5 +161,4 @@ __all__ = [
     "small_siglip_config",
     "siglip_transform",
     "tokenize_captions",
-    "train_siglip",
 ]

@@ -1,8 +1,11 @@
-"""metamorph-train's components, registered through the ``metamorph`` entry-point group."""
+"""metamorph-train's plugins, registered through the ``metamorph`` entry-point group: task
+builders, training objectives and the ``train`` / ``cache-features`` commands."""
 
 from __future__ import annotations
 
 from metamorph_core.plugins.hookspecs import Register, hookimpl
+
+_O = "metamorph_train.objectives"
 
 
 @hookimpl
@@ -11,3 +14,41 @@ def register_tasks(register: Register) -> None:
 
     for name, (fn, description) in TASKS.items():
         register(name, lambda fn=fn: fn, description=description)
+
+
+@hookimpl
+def register_objectives(register: Register) -> None:
+    register(
+        "vpit",
+        f"{_O}.vpit:VPiTObjective",
+        description="visual-predictive instruction tuning; policy full / projector / lora",
+    )
+    register(
+        "decoder",
+        f"{_O}.decoder:DecoderObjective",
+        description="a visual decoder learning to draw images from encoder tokens",
+    )
+    register(
+        "siglip",
+        f"{_O}.siglip:SiglipObjective",
+        description="SigLIP sigmoid-loss pretraining of a small encoder",
+    )
+    register(
+        "causal-lm",
+        f"{_O}.causal_lm:CausalLMObjective",
+        description="next-token pretraining of a transformers causal LM",
+    )
+
+
+@hookimpl
+def register_commands(register: Register) -> None:
+    register(
+        "train",
+        "metamorph_train.commands:configure_train",
+        description="train with a recipe: metamorph train RECIPE.yaml key=value ...",
+    )
+    register(
+        "cache-features",
+        "metamorph_train.commands:configure_cache_features",
+        description="encode a dataset's images once into a feature cache",
+    )

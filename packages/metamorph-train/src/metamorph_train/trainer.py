@@ -1,9 +1,11 @@
 """The trainer: AdamW with warm-up + cosine/linear schedule, gradient accumulation and
 clipping, bf16 autocast, token-count-normalised losses, atomic checkpoints every N steps
 (last K kept) and exact resume of weights, optimizer, scheduler, RNG and data position.
-What it optimises is an :class:`~metamorph_train.objectives.Objective` (VPiT by default).
+What it optimises is an :class:`~metamorph_train.objectives.Objective`; which parameters
+train is the objective's choice (:meth:`~metamorph_train.objectives.Objective.trainable`),
+logged at start as parameter groups with their counts.
 
-Loss normalisation (DESIGN.md): over one optimiser step the text loss is the sum of token
+Loss normalisation: over one optimiser step the text loss is the sum of token
 losses over all micro-batches divided by the number of text tokens in all of them (the visual
 loss likewise), not a mean of per-micro-batch means.
 """
@@ -18,7 +20,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from metamorph_train import distributed
 from metamorph_train.data.mixture import Mixture
-from metamorph_train.objectives import Objective, VPiTObjective
+from metamorph_train.objectives.base import Objective
 from metamorph_train.train_state import (
     latest_checkpoint,
     load_train_state,
@@ -35,74 +36,33 @@ from metamorph_train.train_state import (
     save_train_state,
     set_rng_state,
 )
-
-
-@dataclass
-class TrainerConfig:
-    output_dir: str
-    steps: int
-    batch_size: int = 8  # conversations per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float | None = 1.0
-    bf16: bool = False
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    pack_to: int | None = None  # VPiT only: pack samples into rows of this many tokens
-    prompt_dropout: float = 0.0  # VPiT only: share of generation samples with the prompt dropped
-    # VPiT only: noise augmentation of the target images' tokens the LLM reads (not of its
-    # targets): per image, a level uniform in [0, visual_input_noise] (metamorph_core.vision.
-    # perturb_tokens), so that it learns to continue from its own imperfect predictions
-    visual_input_noise: float = 0.0
-    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
-    strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
-    device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
-    # under FSDP2: ranks other than 0 build the model on the meta device (no memory for the
-    # weights) and receive rank 0's weights as it is sharded; for models too big to build
-    # once per rank on a host
-    meta_init: bool = False
-    progress: bool = True  # a progress bar on rank 0 (when logging)
+from metamorph_train.trainer_config import TrainerConfig
 
 
 class Trainer:
-    """Trains ``model`` (a :class:`~metamorph_core.MetaMorphModel`, or any
-    :class:`~metamorph_train.objectives.Objective`) on items drawn from ``data``.
-    ``trainable(name, param)`` picks the tuned parameters of the objective's module (default:
-    those requiring grad, never a unified model's visual decoder)."""
+    """Trains ``objective`` (an :class:`~metamorph_train.objectives.Objective`, e.g.
+    ``VPiTObjective(model, policy="full")``) on items drawn from ``data``."""
 
     def __init__(
         self,
-        model: Any,
+        objective: Objective,
         data: Mixture,
         config: TrainerConfig,
-        trainable: Callable[[str, torch.nn.Parameter], bool] | None = None,
         log: Callable[[str], None] | None = print,
     ) -> None:
         if config.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(
                 f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
             )
-        if isinstance(model, Objective):
-            vpit_only = config.pack_to or config.prompt_dropout or config.visual_input_noise
-            if not isinstance(model, VPiTObjective) and vpit_only:
-                raise ValueError(
-                    "train.pack_to, train.prompt_dropout and train.visual_input_noise apply to "
-                    f"VPiT only, not to {type(model).__name__}"
-                )
-            self.objective = model
-        else:
-            self.objective = VPiTObjective(
-                model, config.pack_to, config.prompt_dropout, config.visual_input_noise
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"Trainer trains an Objective, got {type(objective).__name__}; wrap a unified "
+                "model as VPiTObjective(model, policy='full') (metamorph_train.objectives)"
             )
-        model = self.objective.module
+        self.objective = objective
+        model = objective.module
         self.model, self.data, self.config, self.log = model, data, config, log
-        pick = trainable or self.objective.trainable
-        names = {n for n, p in model.named_parameters() if pick(n, p)}
+        names = {n for n, p in model.named_parameters() if objective.trainable(n, p)}
         if not names:
             raise ValueError("no trainable parameters were selected")
         for name, param in model.named_parameters():  # exactly the selected ones get gradients
@@ -114,6 +74,9 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
+        if self.log is not None and self.rank == 0:
+            for line in parameter_groups(model, names):
+                self.log(line)
         if config.gradient_checkpointing:
             self.objective.enable_gradient_checkpointing()
         device = config.device
@@ -152,7 +115,8 @@ class Trainer:
             "meta_init",
         ):
             c.pop(k)
-        return {**c, "params": sorted(self.params), "data": self.data.names}
+        signature = self.objective.signature()
+        return {**c, **signature, "params": sorted(self.params), "data": self.data.names}
 
     def _schedule(self, optimizer: torch.optim.Optimizer) -> Any:
         from transformers import (
@@ -321,3 +285,25 @@ class Trainer:
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         distributed.all_reduce_sum(tensor)
+
+
+def parameter_groups(model: torch.nn.Module, trained: set[str]) -> list[str]:
+    """Lines naming the parameter groups of ``model`` (its top-level submodules) that train
+    and those that stay frozen, with tensor and parameter counts."""
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for name, param in model.named_parameters():
+        key = (name in trained, name.split(".", 1)[0])
+        count = groups.setdefault(key, [0, 0])
+        count[0] += 1
+        count[1] += param.numel()
+
+    def line(train: bool) -> str:
+        parts = [
+            f"{group} ({tensors} tensors, {numel:,} parameters)"
+            for (t, group), (tensors, numel) in sorted(groups.items())
+            if t == train
+        ]
+        total = sum(n for (t, _), (_, n) in groups.items() if t == train)
+        return f"{'training' if train else 'frozen'}: {', '.join(parts) or 'nothing'}; {total:,} in all"
+
+    return [line(True), line(False)]

@@ -1,0 +1,197 @@
+"""``vpit``: visual-predictive instruction tuning of a :class:`~metamorph_core.MetaMorphModel`
+(text cross-entropy + the visual loss on generated images' tokens).
+
+Recipe section::
+
+    objective:
+      name: vpit
+      policy: full            # which parameters train: full | projector | lora (POLICIES)
+      lora: {r: 16, alpha: 32}   # policy lora: HFCausalLM.apply_lora options
+      init_from: null         # a MetaMorph checkpoint to start from (e.g. stage 1's final)
+      pack_to: null           # pack samples into rows of this many tokens
+      prompt_dropout: 0.0     # share of generation samples trained with the prompt dropped
+      visual_input_noise: 0.0 # noise on the target images' tokens the LLM reads
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from metamorph_core.sequence import IGNORE_INDEX
+from metamorph_train.data import ConversationDataset
+from metamorph_train.objectives.base import Objective
+
+if TYPE_CHECKING:  # pragma: no cover
+    from metamorph_train.cache import FeatureCache
+    from metamorph_train.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named choice of the unified model's trained parameters."""
+
+    description: str
+    select: Callable[[Any, str, nn.Parameter], bool]  # (model, name, param) -> trains
+
+
+def _full(model: Any, name: str, param: nn.Parameter) -> bool:
+    if name.startswith("decoder."):
+        return False
+    return not name.startswith("encoder.") or not model.config.freeze_encoder
+
+
+POLICIES: dict[str, Policy] = {
+    "full": Policy(
+        "everything but a frozen encoder and an attached decoder (the paper's stage 2)", _full
+    ),
+    "projector": Policy(
+        "the input projector only (the paper's stage 1)",
+        lambda model, name, param: name.startswith("projector."),
+    ),
+    "lora": Policy(
+        "the LLM's LoRA weights and image-token rows, the projector and the vision head",
+        lambda model, name, param: (
+            name.startswith(("projector.", "head."))
+            or (name.startswith("backbone.") and param.requires_grad)
+        ),
+    ),
+}
+
+
+@dataclass
+class VPiTOptions:
+    """The recipe's ``objective:`` section for ``vpit``."""
+
+    policy: str = "full"
+    lora: dict[str, Any] | None = None
+    init_from: str | None = None
+    pack_to: int | None = None
+    prompt_dropout: float = 0.0
+    # noise augmentation of the target images' tokens the LLM reads (not of its targets): per
+    # image a level uniform in [0, visual_input_noise] (metamorph_core.vision.perturb_tokens)
+    visual_input_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"recipe key 'objective.policy' = '{self.policy}' is not a VPiT policy; use one "
+                f"of {sorted(POLICIES)}"
+            )
+        if self.lora and self.policy != "lora":
+            raise ValueError(
+                f"recipe key 'objective.lora' is set but objective.policy is '{self.policy}'; "
+                "set objective.policy: lora or drop objective.lora"
+            )
+
+
+class VPiTObjective(Objective):
+    """Visual-predictive instruction tuning of a :class:`~metamorph_core.MetaMorphModel`:
+    text and visual loss, the trained parameters chosen by a named ``policy``."""
+
+    name = "vpit"
+    Options = VPiTOptions
+    Model = None  # MetaMorphConfig fields (unused with objective.init_from)
+    dataset = ConversationDataset
+    terms = ("text", "visual")
+    units = ("tokens", "tokens")
+    throughput_unit = "tokens"
+
+    def __init__(
+        self,
+        model: Any,
+        policy: str = "full",
+        pack_to: int | None = None,
+        prompt_dropout: float = 0.0,
+        visual_input_noise: float = 0.0,
+    ) -> None:
+        super().__init__(model)
+        if policy not in POLICIES:
+            raise ValueError(f"unknown VPiT policy '{policy}'; use one of {sorted(POLICIES)}")
+        if policy == "lora" and not any("lora_" in n for n, _ in model.named_parameters()):
+            raise ValueError(
+                "policy 'lora' trains LoRA weights, but the model has none; apply them first "
+                "(model.apply_lora(...), or the recipe's objective.lora)"
+            )
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        if not visual_input_noise >= 0.0:
+            raise ValueError(f"visual_input_noise must be >= 0 (0: off), got {visual_input_noise}")
+        self.policy, self.pack_to, self.prompt_dropout = policy, pack_to, prompt_dropout
+        self.visual_input_noise = visual_input_noise
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> VPiTObjective:
+        from metamorph_core import MetaMorphModel
+
+        o: VPiTOptions = recipe.options
+        if o.init_from:
+            model = MetaMorphModel.from_pretrained(o.init_from)
+        else:
+            model = MetaMorphModel.from_config(recipe.model)
+        if o.policy == "lora":
+            model.apply_lora(**(o.lora or {}))
+        return cls(model, o.policy, o.pack_to, o.prompt_dropout, o.visual_input_noise)
+
+    def feature_cache(self, path: str) -> FeatureCache:
+        from metamorph_train.cache import FeatureCache
+
+        return FeatureCache(path, self.module.encoder)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        c = self.module.config
+        return (c.text_loss_weight, c.visual_loss_weight)
+
+    def trainable(self, name: str, param: nn.Parameter) -> bool:
+        return POLICIES[self.policy].select(self.module, name, param)
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "objective": self.name,
+            "policy": self.policy,
+            "pack_to": self.pack_to,
+            "prompt_dropout": self.prompt_dropout,
+            "visual_input_noise": self.visual_input_noise,
+        }
+
+    def prepare_item(self, item: Any, generator: torch.Generator) -> Any:
+        p = self.prompt_dropout
+        if p > 0 and item.has_target_image and torch.rand(1, generator=generator).item() < p:
+            return item.drop_prompt()
+        return item
+
+    def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
+        out = self.module.prepare_batch(items, pack_to=self.pack_to)
+        if self.visual_input_noise > 0:  # drawn from the step's seed: resume stays exact
+            out["input_noise"] = (self.visual_input_noise, seed)
+        return out
+
+    def counts(self, batch: dict[str, Any]) -> list[float]:
+        return [
+            float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            float(batch["target_slot_mask"].sum()),
+        ]
+
+    def loss_sums(self, call: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
+        out = call(**batch, return_logits=False)
+        return [out.text_loss_sum, out.visual_loss_sum]
+
+    def throughput(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].numel())
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.module.backbone.causal_lm.base_model.layers)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.module.backbone.causal_lm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+    def save(self, path: Path) -> Path:
+        return self.module.save_pretrained(path)

@@ -1,0 +1,83 @@
+"""Running a recipe: the objective it names is built from the registry, its data mixed, the
+trainer run, and the trained model written to ``output_dir/final`` (after the last step; under
+FSDP2 from gathered full weights) next to the step checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metamorph_train import distributed
+from metamorph_train.recipe import Recipe, objective_class
+
+
+def build_objective(recipe: Recipe) -> Any:
+    """The objective a recipe names, built from it; new weights (projector, head, ...) come
+    from ``train.seed``."""
+    torch.manual_seed(recipe.train.seed)
+    return objective_class(recipe.objective).from_recipe(recipe)
+
+
+def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Build the objective, data and trainer a recipe names, train, save ``output_dir/final``;
+    returns the trainer's summary with ``saved`` (the final directory) and ``skipped`` (bad
+    records counted per kind)."""
+    from metamorph_train.data import Mixture
+    from metamorph_train.trainer import Trainer
+
+    t = recipe.train
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if t.meta_init and t.strategy == "fsdp" and rank > 0:  # rank 0 alone holds the weights
+        with torch.device("meta"):
+            objective = build_objective(recipe)
+    else:
+        objective = build_objective(recipe)
+    datasets = _datasets(recipe, objective)
+    weights = {name: w for name, (_, w) in datasets.items()}
+    mixture = Mixture(
+        {name: d for name, (d, _) in datasets.items()}, weights, seed=recipe.data.seed
+    )
+    trainer = Trainer(objective, mixture, recipe.train, log=log)
+    summary = trainer.run()
+    final = Path(recipe.train.output_dir) / "final"
+    if trainer.strategy == "fsdp":
+        # every rank takes part in gathering the shards; rank 0 loads them into a new,
+        # unsharded copy of the model and saves that
+        state = distributed.full_state_dict(trainer.model)
+        if trainer.rank == 0:
+            whole = build_objective(recipe)
+            whole.module.load_state_dict(state)
+            whole.save(final)
+    elif trainer.rank == 0:  # DDP replicas are identical; one writer
+        objective.save(final)
+    if trainer.world > 1:
+        torch.distributed.barrier()
+    errors: dict[str, int] = {}
+    for d, _ in datasets.values():
+        for k, v in d.errors.summary().items():
+            errors[k] = errors.get(k, 0) + v
+    return {**summary, "saved": str(final), "skipped": errors}
+
+
+def _datasets(recipe: Recipe, objective: Any) -> dict[str, tuple[Any, float]]:
+    cache = (
+        objective.feature_cache(recipe.data.feature_cache) if recipe.data.feature_cache else None
+    )
+    out = {}
+    for i, s in enumerate(recipe.data.sources):
+        name = s.name or f"source{i}"
+        if name in out:
+            raise ValueError(f"two sources are named '{name}'; give each a distinct name")
+        dataset = objective.dataset(
+            s.path,
+            s.image_root,
+            recipe.data.on_error,
+            cache,
+            streaming=s.streaming,
+            seed=recipe.data.seed * 7919 + i,
+        )
+        out[name] = (dataset, s.weight)
+    return out
