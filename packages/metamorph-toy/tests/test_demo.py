@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from metamorph_train.cli import main as cli
-from metamorph_train.toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
-from metamorph_train.toy.demo import PRESETS, Options, remove_demo_run, run_demo
-from metamorph_train.toy.presets import run_record
+from metamorph_core.cli import main as cli
+from metamorph_toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
+from metamorph_toy.demo import PRESETS, Options, remove_demo_run, run_demo
+from metamorph_toy.presets import run_record
 
 STAGES = (
     "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",

@@ -1,0 +1,621 @@
+"""`metamorph demo`: the whole method on the toy world, offline, on a CPU, measured.
+
+Stages, each through the library's Python API (the recipe runner, the feature-cache builders,
+``MetaMorphModel``: the code paths real checkpoints use); each stage's recipe is also written to
+``OUT/recipes`` so that ``metamorph train OUT/recipes/STAGE.yaml`` reruns it by hand:
+
+1. ``world``: render the data (``OUT/data``): image-caption pairs, text, VPiT conversations.
+2. ``judge``: train and validate the independent judge (pixels -> attributes).
+3. ``encoder``: objective ``siglip``: a small SigLIP pretrained on the captions.
+4. ``center`` and ``cache``: the encoder's mean token (encoder option ``center``), then
+   the feature cache of that encoder over every image.
+5. ``decoder``: objective ``decoder`` on the cached tokens (pixel-space diffusion UNet).
+6. ``lm``: objective ``causal-lm`` on the world's text, with a tokenizer trained on it.
+7. ``vpit``: objective ``vpit``, policy ``full``: understanding, generation and text-only conversations.
+   (Then, in presets with ``decoder_tune_steps``, not in the paper: ``predict``, the tokens
+   the LLM generates for its generation prompts, ``metamorph cache-features --predicted-by``;
+   and ``tune``, recipe ``decoder`` from the trained decoder on those tokens, ``OUT/
+   decoder-tuned``, the decoder that draws the generated images.)
+8. ``eval``: metrics with 95% intervals and chance baselines (``metrics.json``) and a
+   ``report.md`` with PNG grids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from metamorph_toy import world as W
+from metamorph_toy.evaluate import evaluate, to_pixels, write_report
+from metamorph_toy.presets import PRESETS, Options, Preset, run_record
+
+
+@dataclass
+class StageClock:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn: Callable[[], Any], log: Callable[[str], None]) -> Any:
+        log(f"[demo] {name} ...")
+        began = time.perf_counter()
+        out = fn()
+        self.seconds[name] = round(time.perf_counter() - began, 2)
+        log(f"[demo] {name} done in {self.seconds[name]:.1f} s")
+        return out
+
+
+# -- stage 1: the world's data -----------------------------------------------------------------
+def _save(image: np.ndarray, root: Path, name: str) -> str:
+    Image.fromarray(image).save(root / name)
+    return name
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
+    """Render every training file of a run; returns the splits and file paths."""
+    rng = np.random.default_rng(options.seed)
+    splits = W.make_splits(options.seed, preset.held_out)
+    data = out / "data"
+    images = data / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    scenes = W.all_scenes()
+    allowed = splits.train_generation
+
+    def pick(pool: list[W.Scene]) -> W.Scene:
+        return pool[int(rng.integers(len(pool)))]
+
+    # encoder pretraining: captions of any scene (understanding, not generation targets)
+    pairs = []
+    for k in range(preset.images):
+        s = pick(scenes)
+        pairs.append(
+            {"image": _save(W.render(s, rng), images, f"pair-{k:05d}.png"), "caption": s.caption()}
+        )
+    # decoder training: images of the scenes allowed as generation targets only
+    decoder = []
+    for k in range(preset.images):
+        s = pick(allowed)
+        decoder.append({"image": _save(W.render(s, rng), images, f"dec-{k:05d}.png")})
+    understanding = []
+    if options.understanding_data:
+        for k in range(preset.understanding):
+            s = pick(scenes)
+            attribute = W.ATTRIBUTES[k % len(W.ATTRIBUTES)]
+            understanding.append(
+                {
+                    "id": f"u{k}",
+                    "image": _save(W.render(s, rng), images, f"u-{k:05d}.png"),
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{W.QUESTIONS[attribute]}"},
+                        {"from": "gpt", "value": W.answer(s, attribute)},
+                    ],
+                }
+            )
+    generation = []
+    for k in range(options.generation if options.generation is not None else preset.generation):
+        s = pick(allowed)
+        opened = preset.open_requests and rng.random() < preset.open_requests
+        left = W.ATTRIBUTES[k % len(W.ATTRIBUTES)] if opened else None
+        generation.append(
+            {
+                "id": f"g{k}",
+                "image": _save(W.render(s, rng), images, f"g-{k:05d}.png"),
+                "conversations": [
+                    {"from": "human", "value": W.generation_prompt(s, k, left)},
+                    {"from": "gpt", "value": W.generation_answer(s, preset.restate)},
+                ],
+            }
+        )
+    text = _text_conversations(options, preset.restate) * preset.text_repeats
+    lm_text = []
+    if options.text_facts:  # the facts, and requests by concept resolved into plain words
+        lm_text += [{"text": t} for t in W.facts()]
+        lm_text += [{"text": f"{q} {a}"} for q, a in W.concept_resolutions(preset.restate)]
+    lm_text += [{"text": f"{c}."} for s in scenes for c in (s.caption(), s.framed_caption())]
+    lm_text += [
+        {"text": f"{q} {v}."} for q in W.QUESTIONS.values() for v in W.SHAPES + tuple(W.COLOURS)
+    ]
+    # the instructions' wording, as a pretrained LLM knows it: without it the tokenizer spells
+    # "Generate" and the answer letter by letter and the LM has never read them (measured:
+    # VPiT then ignored "top" / "bottom"; with it, position from generated tokens 0.53 ->
+    # 1.00). Training-generation scenes only, and text alone: nothing held out leaks
+    lm_text += [
+        {"text": f"{W.generation_prompt(s, k)} {W.restatement(s, preset.restate)}"}
+        for s in allowed
+        for k in range(len(W.GENERATION_TEMPLATES))
+    ]
+    files = {
+        "pairs": _jsonl(data / "pairs.jsonl", pairs),
+        "decoder": _jsonl(data / "decoder.jsonl", decoder),
+        "understanding": _jsonl(data / "understanding.jsonl", understanding),
+        "generation": _jsonl(data / "generation.jsonl", generation),
+        "text": _jsonl(data / "text.jsonl", text),
+        "lm_text": _jsonl(data / "lm_text.jsonl", lm_text),
+    }
+    everything = [{"image": r["image"]} for r in pairs + decoder + understanding + generation]
+    files["all_images"] = _jsonl(data / "all_images.jsonl", everything)
+    return {"splits": splits, "files": files, "images": images}
+
+
+def _text_conversations(options: Options, restate: bool) -> list[dict[str, Any]]:
+    """Text-only VPiT conversations: the facts as questions and answers, and requests and
+    descriptions by concept resolved into attributes (:func:`~.world.concept_resolutions`). No
+    image ever comes with them."""
+    if not options.text_facts:
+        return []
+    rows = []
+    for colour, concepts in W.COLOUR_CONCEPTS.items():
+        for c in concepts:
+            rows.append((f"What colour is {c}?", colour))
+    for shape, phrases in W.SHAPE_CONCEPTS.items():
+        for p in phrases:
+            rows.append((f"Which shape is a {p}?", shape))
+    for fact in W.facts():
+        rows.append(("Tell me a fact.", fact))
+    rows += W.concept_resolutions(restate)
+    return [
+        {
+            "id": f"t{k}",
+            "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+        }
+        for k, (q, a) in enumerate(rows)
+    ]
+
+
+# -- the recipes -------------------------------------------------------------------------------
+def _train(path: Path, tree: dict[str, Any]) -> None:
+    """Train the recipe ``tree`` through the library's recipe runner; the recipe is also
+    written to ``path`` (``metamorph train PATH`` reruns the stage by hand)."""
+    from metamorph_train.recipe import parse_recipe
+    from metamorph_train.runner import run_recipe
+
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    run_recipe(parse_recipe(tree, where=str(path)))
+
+
+def encoder_spec(out: Path, preset: Preset) -> dict[str, Any]:
+    return {
+        "name": "siglip",
+        "kwargs": {
+            "pretrained": str(out / "encoder" / "final"),
+            "num_tokens": preset.num_tokens,
+            "center": str(out / "encoder" / "token_mean.safetensors"),
+        },
+    }
+
+
+def center_encoder(out: Path, preset: Preset, files: dict[str, Path]) -> None:
+    """The small pretrained encoder's tokens share one dominant direction (measured: a mean
+    cosine of 0.99 between different images), which drowns what tells images apart; its mean
+    token over the training images is subtracted before normalisation (encoder option
+    ``center``)."""
+    from metamorph_core import create
+    from metamorph_encoders.base import token_mean
+
+    kwargs = dict(encoder_spec(out, preset)["kwargs"], center=None, normalize=False)
+    encoder = create("encoder", "siglip", **kwargs)
+    rows = [json.loads(x) for x in files["pairs"].read_text().splitlines()[:2048]]
+    images = [np.asarray(Image.open(files["images"] / r["image"]).convert("RGB")) for r in rows]
+    token_mean(encoder, to_pixels(images), out / "encoder" / "token_mean.safetensors")
+
+
+def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
+    _train(
+        out / "recipes" / "encoder.yaml",
+        {
+            "objective": "siglip",
+            "model": {
+                "config": {
+                    "image_size": preset.encoder_image,
+                    "patch_size": preset.encoder_patch,
+                    "hidden_size": preset.encoder_hidden,
+                    "num_layers": 2,
+                    "num_heads": 4,
+                    "max_text_length": 16,
+                },
+                "vocab_size": 400,
+                "seed": seed,
+            },
+            "data": {
+                "sources": [{"path": str(files["pairs"]), "image_root": str(files["images"])}]
+            },
+            "train": _train_section(
+                out / "encoder",
+                preset.encoder_steps,
+                preset.encoder_batch,
+                preset.encoder_lr,
+                seed,
+            ),
+        },
+    )
+
+
+def _train_section(output: Path, steps: int, batch: int, lr: float, seed: int, **kw: Any) -> dict:
+    return {
+        "output_dir": str(output),
+        "steps": steps,
+        "batch_size": batch,
+        "lr": lr,
+        "seed": seed,
+        "warmup_ratio": 0.05,
+        "log_every": max(steps // 5, 1),
+        "save_every": 0,
+        "keep_last": 1,
+        **kw,
+    }
+
+
+def cache_features(out: Path, preset: Preset, files: dict[str, Path]) -> None:
+    """Every image of the run encoded once (``metamorph cache-features``'s builder)."""
+    from metamorph_core import create
+    from metamorph_train.cache import build_cache, image_paths
+    from metamorph_train.data.records import check_image_record, read_records
+
+    spec = encoder_spec(out, preset)
+    encoder = create("encoder", spec["name"], **spec["kwargs"])
+    paths = image_paths(read_records(files["all_images"], "raise", {}, check_image_record))
+    build_cache(encoder, paths, files["images"], out / "cache", batch_size=256)
+
+
+def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
+    channels = list(preset.decoder_channels)
+    depth = len(channels)
+    patch = preset.decoder_patch  # the UNet denoises patch x patch blocks folded into channels
+    _train(
+        out / "recipes" / "decoder.yaml",
+        {
+            "objective": "decoder",
+            "model": {
+                "encoder": encoder_spec(out, preset),
+                "decoder": {
+                    "name": "sd-unet",
+                    "kwargs": {
+                        "unet_config": {
+                            "sample_size": W.IMAGE_SIZE // patch,
+                            "in_channels": 3 * patch**2 + preset.decoder_spatial,
+                            "out_channels": 3 * patch**2,
+                            "layers_per_block": 1,
+                            "block_out_channels": channels,
+                            "cross_attention_dim": 64,
+                            "attention_head_dim": 8,
+                            "norm_num_groups": 8,
+                            # cross-attention only at the lowest resolution (CPU cost)
+                            "down_block_types": ["DownBlock2D"] * (depth - 1)
+                            + ["CrossAttnDownBlock2D"],
+                            "up_block_types": ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (depth - 1),
+                        },
+                        "adapter": {"name": "mlp", "kwargs": {"hidden_dims": [128]}},
+                        "context_length": preset.num_tokens,
+                        "spatial_channels": preset.decoder_spatial,
+                        "spatial_detail": preset.decoder_spatial_detail,
+                        "patch_size": patch,
+                        "prediction_type": "sample",
+                        "cond_dropout": 0.1,
+                        "token_noise": preset.decoder_token_noise,
+                        "seed": seed,
+                    },
+                },
+            },
+            "data": {
+                "sources": [{"path": str(files["decoder"]), "image_root": str(files["images"])}],
+                "feature_cache": str(out / "cache"),
+            },
+            "train": _train_section(
+                out / "decoder",
+                preset.decoder_steps,
+                preset.batch_size,
+                preset.decoder_lr,
+                seed,
+            ),
+        },
+    )
+
+
+def train_lm(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
+    h = preset.lm_hidden
+    _train(
+        out / "recipes" / "lm.yaml",
+        {
+            "objective": "causal-lm",
+            "model": {
+                "architecture": "llama",
+                "config": {
+                    "hidden_size": h,
+                    "intermediate_size": 4 * h,
+                    "num_hidden_layers": preset.lm_layers,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 4,
+                    "tie_word_embeddings": False,
+                },
+                "vocab_size": 600,
+                "max_length": 192,
+                "seed": seed,
+            },
+            "data": {"sources": [{"path": str(files["lm_text"])}]},
+            "train": _train_section(out / "lm", preset.lm_steps, 32, 3e-3, seed),
+        },
+    )
+
+
+# VPiT's data mixture: each source is drawn with probability proportional to its weight
+VPIT_WEIGHTS = {"understanding": 2.0, "generation": 2.0, "text": 1.0}
+
+
+def train_vpit(out: Path, preset: Preset, files: dict[str, Path], seed: int, steps: int) -> None:
+    sources = []
+    for name, weight in VPIT_WEIGHTS.items():
+        if files[name].stat().st_size:
+            sources.append(
+                {
+                    "path": str(files[name]),
+                    "image_root": str(files["images"]),
+                    "weight": weight,
+                    "name": name,
+                }
+            )
+    _train(
+        out / "recipes" / "vpit.yaml",
+        {
+            "objective": {"name": "vpit", "policy": "full", "prompt_dropout": 0.1},
+            "model": {
+                "encoder": encoder_spec(out, preset),
+                "backbone": {
+                    "name": "llama",
+                    "kwargs": {"pretrained": str(out / "lm" / "final")},
+                },
+                "projector": "mlp2x_gelu",
+                "head": "mlp2x_gelu",
+                "template": "chatml",
+            },
+            "data": {"sources": sources, "feature_cache": str(out / "cache")},
+            "train": _train_section(
+                out / "vpit",
+                steps,
+                preset.batch_size,
+                2e-3,
+                seed,
+            ),
+        },
+    )
+
+
+def predict_tokens(out: Path, files: dict[str, Path]) -> None:
+    """The tokens the trained LLM generates for every generation prompt it was trained on
+    (``metamorph cache-features --predicted-by``), keyed by the prompt's image."""
+    from metamorph_core import MetaMorphModel
+    from metamorph_train.cache import build_predicted_cache
+    from metamorph_train.data.records import check_image_record, read_records
+
+    model_dir = out / "vpit" / "final"
+    model = MetaMorphModel.from_pretrained(model_dir).eval()
+    records = read_records(files["generation"], "raise", {}, check_image_record)
+    build_predicted_cache(
+        model, records, out / "cache-predicted", predicted_by=str(model_dir), batch_size=64
+    )
+
+
+def tune_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:
+    """Recipe ``decoder`` again, from the trained decoder, on the LLM's own predictions: each
+    training image drawn from the tokens generated for its prompt. Tokens the LLM predicts
+    are not the encoder's (they average over what a prompt leaves open), and a decoder that
+    only saw exact tokens misplaces objects from them (measured above)."""
+    _train(
+        out / "recipes" / "decoder-tune.yaml",
+        {
+            "objective": "decoder",
+            "model": {
+                "encoder": encoder_spec(out, preset),
+                "decoder": {
+                    "name": "sd-unet",
+                    "kwargs": {"pretrained": str(out / "decoder" / "final")},
+                },
+            },
+            "data": {
+                "sources": [{"path": str(files["generation"]), "image_root": str(files["images"])}],
+                "feature_cache": str(out / "cache-predicted"),
+            },
+            "train": _train_section(
+                out / "decoder-tuned",
+                preset.decoder_tune_steps,
+                preset.batch_size,
+                5e-4,
+                seed,
+            ),
+        },
+    )
+
+
+# -- the run -----------------------------------------------------------------------------------
+_RUN_ENTRIES = {
+    "data", "judge", "encoder", "cache", "decoder", "lm", "vpit", "recipes", "metrics.json",
+    "report.md", "generation.png", "reasoning.png", "understanding.png", "cache-predicted",
+    "decoder-tuned",
+}  # fmt: skip
+
+
+def remove_demo_run(out: str | Path) -> None:
+    """Delete an earlier demo run in ``out`` (``metamorph demo --overwrite``, ``make demo``).
+    Refuses a directory holding anything a demo run does not write, so nothing else is lost."""
+    import shutil
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"'{out}' is a file, not a demo run; pick another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"'{out}' holds {foreign[:5]}, which a demo run does not write; "
+            "move them away or pick another --out"
+        )
+    shutil.rmtree(out)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
+def settings_differ(run: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The keys of ``wanted`` whose values a run's recorded settings (``metrics.json`` "run")
+    do not hold, compared as JSON stores them (tuples as lists)."""
+    wanted = json.loads(json.dumps(wanted))
+    return sorted(k for k, v in wanted.items() if run.get(k) != v)
+
+
+def reusable_stages(out: Path, earlier: Path, preset: Preset, options: Options) -> set[str]:
+    """The stages of ``earlier``, a finished demo run, that a run into ``out`` (whose world is
+    written) may copy: ``judge`` (a function of the seed and preset), ``encoder`` (with its
+    token mean) and ``decoder`` when the image-caption pairs and decoder images are the same
+    file for file, and ``lm`` when the language model's text is the same. Raises when
+    ``earlier`` is not a finished run of the same preset and seed, or its images differ."""
+    record = earlier / "metrics.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"'{earlier}' holds no finished demo run (no metrics.json)")
+    run = json.loads(record.read_text())["run"]
+    # the preset's fields (less those the options override, as the ablation's generation
+    # count) and the seed: what the copied stages and their data depend on
+    fixed = {k: v for k, v in asdict(preset).items() if k not in asdict(options)}
+    differ = settings_differ(run, {**fixed, "seed": options.seed})
+    if differ:
+        raise ValueError(
+            f"'{earlier}' is a run with other settings ({', '.join(differ[:5])}); reuse needs "
+            "one of the same preset and seed"
+        )
+    for name in ("pairs", "decoder"):
+        rows = [json.loads(x) for x in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
+        files = [Path("data") / f"{name}.jsonl"] + [Path("data/images") / r["image"] for r in rows]
+        changed = next((f for f in files if not _same_bytes(out / f, earlier / f)), None)
+        if changed is not None:
+            raise ValueError(
+                f"'{earlier / changed}' differs from this run's '{out / changed}': the encoder "
+                "and decoder of that run were trained on other data and cannot be reused"
+            )
+    stages = {"judge", "encoder", "decoder"}
+    if _same_bytes(out / "data" / "lm_text.jsonl", earlier / "data" / "lm_text.jsonl"):
+        stages.add("lm")
+    return stages
+
+
+def run_demo(
+    preset: str | Preset = "quick",
+    out: str | Path = "runs/demo",
+    options: Options | None = None,
+    log: Callable[[str], None] = print,
+    reuse: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run every stage into ``out``; returns the metrics (also in ``out/metrics.json``).
+
+    ``reuse``: a finished run of the same preset and seed (the ablation's first condition)
+    whose judge, encoder and decoder, and language model where this run's text for it is the
+    same, are copied instead of trained. They depend only on data both runs render alike, which
+    is checked file by file before anything is copied (:func:`reusable_stages`)."""
+    import shutil
+
+    import torch
+
+    from metamorph_toy.judge import Judge, train_judge, validate_judge
+
+    name = preset if isinstance(preset, str) else "custom"
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown demo preset '{preset}'; use one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    options = options or Options()
+    out = Path(out)
+    if (out / "metrics.json").exists() or (out / "vpit").exists():
+        raise FileExistsError(
+            f"'{out}' holds an earlier demo run; pick a new --out directory or remove it"
+        )
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+    clock = StageClock()
+    world = clock.run("world", lambda: write_world(out, preset, options), log)
+    files = {**world["files"], "images": world["images"]}
+    judge_dir = out / "judge"
+    source = Path(reuse) if reuse is not None else None
+    reused = reusable_stages(out, source, preset, options) if source is not None else set()
+
+    def copied(entry: str) -> Callable[[], Any]:
+        return lambda: shutil.copytree(source / entry, out / entry)  # type: ignore[operator]
+
+    def make_judge() -> Any:
+        if "judge" in reused:
+            copied("judge")()
+        else:
+            train_judge(seed=options.seed, steps=preset.judge_steps).save(judge_dir)
+        return Judge.load(judge_dir)
+
+    judge = clock.run("judge", make_judge, log)
+    validation = validate_judge(judge, seed=options.seed + 1)
+    seed = options.seed
+    if "encoder" in reused:  # the trained encoder and its token mean (stage ``center``)
+        clock.run("encoder", copied("encoder"), log)
+    else:
+        clock.run("encoder", lambda: train_encoder(out, preset, files, seed), log)
+        clock.run("center", lambda: center_encoder(out, preset, files), log)
+    clock.run("cache", lambda: cache_features(out, preset, files), log)
+    if "decoder" in reused:
+        clock.run("decoder", copied("decoder"), log)
+    else:
+        clock.run("decoder", lambda: train_decoder(out, preset, files, seed), log)
+    if "lm" in reused:
+        clock.run("lm", copied("lm"), log)
+    else:
+        clock.run("lm", lambda: train_lm(out, preset, files, seed), log)
+    steps = options.vpit_steps or preset.vpit_steps
+    clock.run("vpit", lambda: train_vpit(out, preset, files, seed, steps), log)
+    if preset.decoder_tune_steps:
+        clock.run("predict", lambda: predict_tokens(out, files), log)
+        clock.run("tune", lambda: tune_decoder(out, preset, files, seed), log)
+    metrics, report = clock.run(
+        "eval", lambda: evaluate(out, preset, options, world["splits"], judge, log), log
+    )
+    clean = validation["clean"]["accuracy"]  # all four attributes right, fresh renders
+    metrics["judge_accuracy"] = {
+        "value": clean["rate"],
+        "ci95": list(clean["ci95"]),
+        "n": clean["n"],
+        "chance": 1 / len(W.all_scenes()),
+    }
+    metrics["judge_validation"] = validation
+    metrics["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 2)}
+    if preset.stage_budget_s:
+        budget = preset.stage_budget_s
+        metrics["seconds_budget"] = {**budget, "total": sum(budget.values())}
+        metrics["over_budget"] = [k for k, v in clock.seconds.items() if v > budget.get(k, 0.0)]
+        for k in metrics["over_budget"]:
+            log(
+                f"[demo] stage {k} took {clock.seconds[k]:.0f} s, over its budget of "
+                f"{budget.get(k, 0.0):.0f} s (the preset was sized on a 2-core CPU)"
+            )
+    metrics["run"] = {"preset": name, **run_record(preset, options)}
+    if reused:
+        metrics["reused"] = {"from": str(reuse), "stages": sorted(reused)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_report(out, metrics, report)
+    log(f"[demo] report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+__all__ = [
+    "VPIT_WEIGHTS",
+    "PRESETS",
+    "Options",
+    "Preset",
+    "remove_demo_run",
+    "reusable_stages",
+    "settings_differ",
+    "run_demo",
+]

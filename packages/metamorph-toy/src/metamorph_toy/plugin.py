@@ -1,0 +1,15 @@
+"""metamorph-toy's plugins, registered through the ``metamorph`` entry-point group."""
+
+from __future__ import annotations
+
+from metamorph_core.plugins.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_commands(register: Register) -> None:
+    register(
+        "demo",
+        "metamorph_toy.command:configure",
+        description="the whole method on the built-in toy world, offline: train every stage, "
+        "evaluate",
+    )

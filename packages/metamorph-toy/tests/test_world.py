@@ -1,0 +1,92 @@
+"""The toy world's data keeps every test item out of training (issue #7's rules)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from metamorph_toy import demo as D
+from metamorph_toy import world as W
+
+CONCEPTS = [c for cs in W.COLOUR_CONCEPTS.values() for c in cs] + [
+    p for ps in W.SHAPE_CONCEPTS.values() for p in ps
+]
+SMALL = D.Preset(
+    **{**D.PRESETS["micro"].__dict__, "images": 64, "understanding": 128, "open_requests": 0.25}
+)
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def texts(row):
+    return [row.get("caption", "")] + [t["value"] for t in row.get("conversations", [])]
+
+
+@pytest.mark.parametrize("facts", [True, False])
+def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts):
+    world = D.write_world(tmp_path, SMALL, D.Options(seed=3, text_facts=facts))
+    files, splits = world["files"], world["splits"]
+    with_images = [r for n in ("pairs", "understanding", "generation") for r in rows(files[n])]
+    assert with_images and all("image" in r for r in with_images)
+    for r in with_images:
+        for t in texts(r):
+            assert not [c for c in CONCEPTS if c in t], (r, t)
+    text_only = rows(files["text"]) + rows(files["lm_text"])
+    mentions = [
+        c for r in text_only for t in texts(r) + [r.get("text", "")] for c in CONCEPTS if c in t
+    ]
+    assert (set(mentions) == set(CONCEPTS)) if facts else not mentions
+    # text naming a concept never names both a size and a position: no reasoning test prompt
+    # (which names both) or its resolution is among the training texts, even as text
+    for r in text_only:
+        for t in texts(r) + [r.get("text", "")]:
+            if any(c in t for c in CONCEPTS):
+                sized = any(f" {w} " in t for w in W.SIZES)
+                placed = " at the " in t or " in the centre" in t
+                assert not (sized and placed), t
+    answers = {W.generation_answer(s) for s in splits.train_generation}
+    for r in rows(files["generation"]):  # each answer restates its request, then draws
+        assert r["conversations"][1]["value"] in answers
+    prompts = [r["conversations"][0]["value"] for r in rows(files["generation"])]
+    for s in splits.test_generation:
+        for k in range(len(W.GENERATION_TEMPLATES)):  # every phrasing of a held-out request
+            assert W.generation_prompt(s, k) not in prompts
+    trained = {  # every request is for an allowed scene, some leaving one attribute open
+        W.generation_prompt(s, k, left)
+        for s in splits.train_generation
+        for k in range(len(W.GENERATION_TEMPLATES))
+        for left in (None, *W.ATTRIBUTES)
+    }
+    assert set(prompts) <= trained
+    full = {
+        W.generation_prompt(s, k)
+        for s in W.all_scenes()
+        for k in range(len(W.GENERATION_TEMPLATES))
+    }
+    assert 0 < len(set(prompts) - full) < len(prompts) / 2  # open requests: some, a minority
+
+
+def test_reasoning_prompts_differ_from_requests_only_by_concepts():
+    rng = np.random.default_rng(0)
+    s = W.Scene("triangle", "green", "large", "top")
+    prompt = W.reasoning_prompt(s, rng)
+    framed = W.generation_prompt(s, len(W.GENERATION_TEMPLATES) - 1)
+    assert framed == "Generate an image of a large triangle in the colour green at the top."
+    colour = next(c for c in W.COLOUR_CONCEPTS["green"] if c in prompt)
+    shape = next(p for p in W.SHAPE_CONCEPTS["triangle"] if p in prompt)
+    plain = prompt.replace(f"of {colour}", "green").replace(shape, "triangle")
+    assert plain == framed
+
+
+def test_the_papers_answers_without_restatements(tmp_path):
+    preset = D.Preset(**{**SMALL.__dict__, "restate": False})
+    files = D.write_world(tmp_path, preset, D.Options(seed=1))["files"]
+    answers = {r["conversations"][1]["value"] for r in rows(files["generation"])}
+    assert answers == {f"{W.PAPER_ANSWER} <image>"}
+    said = [r["conversations"][1]["value"] for r in rows(files["text"])]
+    said += [r["text"] for r in rows(files["lm_text"])]
+    assert not [t for t in said if f"{W.ANSWER_LEAD} a " in t]  # no restatement anywhere
