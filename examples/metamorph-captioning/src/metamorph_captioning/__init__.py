@@ -1,0 +1,1 @@
+"""An example third-party MetaMorph plugin: the ``caption`` training objective."""
