@@ -13,7 +13,7 @@ from metamorph_core.plugins.registry import Registry
 
 OWN_COMMANDS = {
     "metamorph-core": {"plugins", "generate", "merge-lora"},
-    "metamorph-train": {"train", "cache-features"},
+    "metamorph-train": {"train", "cache-features", "convert-research"},
     "metamorph-toy": {"demo"},
     "metamorph-encoders": set(),
     "metamorph-decoders": set(),

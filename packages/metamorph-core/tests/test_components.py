@@ -96,3 +96,18 @@ def test_precomputed_image_features_give_the_same_loss(make_model):
             **{k: v for k, v in batch.items() if k != "pixel_values"}, image_features=features
         )
     assert torch.equal(a.loss, b.loss)
+
+
+def test_the_default_head_is_the_papers_two_linears(make_model):
+    """Every training script of the research code sets VISION_HEAD_TYPE="mlp":
+    Linear(d, d) GELU Linear(d, c) (metamorph_llama.py)."""
+    from metamorph_core import MetaMorphConfig
+
+    assert MetaMorphConfig(encoder="tiny-patch", backbone="llama").head.name == "mlp"
+    model = make_model()
+    d, c = model.backbone.hidden_size, model.encoder.hidden_size
+    layers = list(model.head.net)
+    assert [type(m).__name__ for m in layers] == ["Linear", "GELU", "Linear"]
+    assert (layers[0].in_features, layers[0].out_features) == (d, d)
+    assert (layers[2].in_features, layers[2].out_features) == (d, c)
+    assert model.head.normalize

@@ -259,7 +259,7 @@ def test_unknown_names_list_the_known_ones(site):
 def test_named_depths_build_the_papers_layer_stacks(site):
     proj = create("projector", "mlp3x_gelu", in_dim=4, out_dim=8)
     assert [type(m).__name__ for m in proj.net] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
-    head = create("head", "mlp2x_gelu", in_dim=8, out_dim=4)  # the paper's head: three linears
+    head = create("head", "mlp2x_gelu", in_dim=8, out_dim=4)  # three linears
     assert [type(m).__name__ for m in head.net] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert head.net[-1].out_features == 4
     assert [type(m).__name__ for m in create("head", "mlp", in_dim=8, out_dim=4).net] == [

@@ -6,9 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from metamorph_core import create
 from metamorph_core.config import ComponentSpec
+from metamorph_core.decoding import DecodeConfig
 from metamorph_core.errors import CheckpointError
 from metamorph_decoders.settings import DecoderSettings, resolve_settings
 from metamorph_decoders.testing import tiny_unet_config
@@ -27,6 +29,7 @@ SAVED = {
     "spatial_channels": 0,
     "spatial_detail": 1,
     "patch_size": 1,
+    "sampling": {"scheduler": "pndm", "steps": 30, "guidance_scale": 6.0},
 }
 
 
@@ -46,6 +49,7 @@ def test_defaults_and_the_recorded_form():
         "spatial_channels": 0,
         "spatial_detail": 1,
         "patch_size": 1,
+        "sampling": {"scheduler": "ddim", "steps": 50, "guidance_scale": 7.5},
     }
     assert list(s.to_dict()) == [f.name for f in dataclasses.fields(DecoderSettings)]
     assert DecoderSettings(24, 4, prediction_type="v").prediction_type == "v_prediction"
@@ -89,8 +93,12 @@ def test_given_then_saved_then_default():
     assert resolve_settings(changed, SAVED, root=Path("dec")) == dataclasses.replace(
         reloaded, **changed
     )
-    old = {k: v for k, v in SAVED.items() if k != "spatial_detail"}  # saved before it existed
-    assert resolve_settings({}, old).spatial_detail == 1
+    old = {k: v for k, v in SAVED.items() if k not in ("spatial_detail", "sampling")}
+    assert resolve_settings({}, old).spatial_detail == 1  # saved before these existed
+    assert resolve_settings({}, old).sampling == DecodeConfig()
+    # the default sampling may change on reload too, and is recorded without a seed
+    faster = resolve_settings({"sampling": {"steps": 10, "seed": 3}}, SAVED, root=Path("dec"))
+    assert faster.sampling == DecodeConfig(steps=10)
 
 
 @pytest.mark.parametrize(
@@ -125,3 +133,29 @@ def test_the_decoder_mirrors_its_settings():
         dec.cond_dropout = 2.0
     with pytest.raises(AttributeError):
         dec.patch_size = 2  # the modules were built for it
+
+
+def test_the_recorded_sampling_is_what_decode_does_by_default(tmp_path):
+    """The paper's visualizer samples with the SD 1.5 pipeline's default PNDM, 50 steps; a
+    decoder records its default sampling, and decode() without a config uses it."""
+    dec = create(
+        "decoder",
+        "sd-unet",
+        token_dim=24,
+        num_tokens=4,
+        unet_config=tiny_unet_config(),
+        context_length=8,
+        sampling={"scheduler": "pndm", "steps": 3, "guidance_scale": 2.0},
+        seed=0,
+    ).eval()
+    tokens = torch.randn(1, 4, 24, generator=torch.Generator().manual_seed(1))
+    own = dec.decode(tokens, seed=0)
+    explicit = DecodeConfig(scheduler="pndm", steps=3, guidance_scale=2.0, seed=0)
+    assert torch.equal(own, dec.decode(tokens, explicit))
+    assert not torch.equal(own, dec.decode(tokens, DecodeConfig(steps=3, seed=0)))  # ddim, 7.5
+    assert torch.equal(dec.decode(tokens, {"steps": 3}, seed=0), own)  # a dict: over its own
+    loaded = create(
+        "decoder", "sd-unet", pretrained=str(tmp_path / "d"), **dec.save_pretrained(tmp_path / "d")
+    )
+    assert loaded.sampling == DecodeConfig(scheduler="pndm", steps=3, guidance_scale=2.0)
+    assert torch.equal(loaded.eval().decode(tokens, seed=0), own)

@@ -40,11 +40,11 @@ def register_backbones(register: Register) -> None:
 @hookimpl
 def register_heads(register: Register) -> None:
     register("linear", f"{_C}.heads:linear", description="Linear(d, c), L2-normalised")
-    register("mlp", f"{_C}.heads:mlp", description="Linear(d, d) GELU Linear(d, c)")
+    register("mlp", f"{_C}.heads:mlp", description="Linear(d, d) GELU Linear(d, c) (the paper's)")
     register(
         "mlp{depth}x_gelu",
         f"{_C}.heads:mlp_gelu",
-        description="depth x (Linear(d, d), GELU) then Linear(d, c); mlp2x_gelu is the paper's",
+        description="depth x (Linear(d, d), GELU) then Linear(d, c); mlp2x_gelu: three linears",
     )
 
 

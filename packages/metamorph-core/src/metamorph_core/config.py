@@ -31,13 +31,17 @@ class ComponentSpec:
 class MetaMorphConfig:
     """What ``MetaMorphModel.from_config`` assembles.
 
-    Projector and head dimensions default to the encoder's and backbone's widths.
+    The defaults are the paper's: projector ``mlp2x_gelu`` (Linear GELU Linear), head ``mlp``
+    (Linear GELU Linear), cosine visual loss with weight 1, the ``llama3`` template. Projector
+    and head dimensions default to the encoder's and backbone's widths.
     """
 
     encoder: ComponentSpec
     backbone: ComponentSpec
     projector: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp2x_gelu"))
-    head: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp2x_gelu"))
+    # the paper's head: every training script of the research code builds Linear(d, d) GELU
+    # Linear(d, c) (VISION_HEAD_TYPE="mlp"; docs/method.md)
+    head: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp"))
     visual_loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cosine"))
     visual_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
@@ -46,6 +50,10 @@ class MetaMorphConfig:
     freeze_encoder: bool = True
     max_length: int | None = None  # None: the backbone's own maximum
     truncation: bool = False
+    # what an answer says before a generated image when the caller does not say
+    # (generate_image): the paper's training data answers "Here is an image based on your
+    # request: <image>"
+    image_answer_prefix: str = "Here is an image based on your request: "
 
     def __post_init__(self) -> None:
         for f in ("encoder", "backbone", "projector", "head", "visual_loss", "template"):

@@ -142,5 +142,5 @@ class VisualDecoder(Component, ABC):
         self, tokens: torch.Tensor, config: DecodeConfig | None = None, **options: Any
     ) -> torch.Tensor:
         """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``, sampled as ``config``
-        says (``options``: its fields as keywords, which override it); see
-        :class:`~metamorph_core.decoding.DecodeConfig`."""
+        says (``None``: the decoder's own default sampling; ``options``: fields as keywords,
+        which override it); see :class:`~metamorph_core.decoding.DecodeConfig`."""

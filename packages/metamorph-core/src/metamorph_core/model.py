@@ -180,6 +180,34 @@ class MetaMorphModel(nn.Module):
             model.decoder = decoder  # config.decoder already says how it was built
         return model
 
+    #: settings that change what is trained or generated, not what the model is: a model loaded
+    #: from a checkpoint may change them (:meth:`update_config`)
+    UPDATABLE = (
+        "visual_loss_weight",
+        "text_loss_weight",
+        "max_length",
+        "truncation",
+        "image_answer_prefix",
+    )
+
+    def update_config(self, **settings: Any) -> None:
+        """Change :data:`UPDATABLE` settings of the config (e.g. the visual loss weight of a
+        model loaded from stage 1, which trained without it); components cannot change this
+        way, they come from the checkpoint."""
+        fixed = sorted(set(settings) - set(self.UPDATABLE))
+        if fixed:
+            raise ValueError(
+                f"MetaMorphConfig field(s) {fixed} cannot change on a built model (its "
+                f"components come from where it was loaded); changeable: {list(self.UPDATABLE)}"
+            )
+        for key, value in settings.items():
+            setattr(self.config, key, value)
+        builder = self.sequence_builder
+        if "max_length" in settings:
+            builder.max_length = self.config.max_length or self.backbone.max_length
+        if "truncation" in settings:
+            builder.truncation = self.config.truncation
+
     # -- LoRA --------------------------------------------------------------------------------
     def apply_lora(self, **lora: Any) -> None:
         """Wrap the backbone's LLM with peft LoRA (see ``HFCausalLM.apply_lora``); the image
@@ -258,12 +286,13 @@ class MetaMorphModel(nn.Module):
         prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         *,
-        response_prefix: str | Sequence[str] = "",
+        response_prefix: str | Sequence[str] | None = None,
         config: GenerationConfig | None = None,
         **options: Any,
     ) -> list[GenerationResult]:
         """Text-to-image (image-to-image with input ``images``): the answer is prefilled with
-        ``response_prefix`` + ``<image_start>``, so each result holds exactly one image."""
+        ``response_prefix`` (default: ``config.image_answer_prefix``, the words the training
+        data answers with) + ``<image_start>``, so each result holds exactly one image."""
         return generation.generate_image(
             self, prompts, images, response_prefix=response_prefix, config=config, **options
         )
@@ -273,7 +302,7 @@ class MetaMorphModel(nn.Module):
         prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         *,
-        response_prefix: str | Sequence[str] = "",
+        response_prefix: str | Sequence[str] | None = None,
         force_image: bool = False,
         config: GenerationConfig | None = None,
         **options: Any,
@@ -295,6 +324,11 @@ class MetaMorphModel(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         return self.encoder.num_tokens
+
+    @property
+    def image_answer_prefix(self) -> str:
+        """What an answer says before a generated image when the caller does not say."""
+        return self.config.image_answer_prefix
 
     def prepare_batch(
         self,

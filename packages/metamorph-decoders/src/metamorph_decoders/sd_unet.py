@@ -83,7 +83,8 @@ class DiffusionDecoder(VisualDecoder):
 
     ``config`` is the decoder's :class:`~metamorph_decoders.settings.DecoderSettings`; its
     fields are also attributes (``token_dim``, ``mode``, ``patch_size`` ...), read-only except
-    the training settings ``cond_dropout``, ``snr_gamma`` and ``token_noise``."""
+    the training settings ``cond_dropout``, ``snr_gamma`` and ``token_noise`` and the default
+    ``sampling``."""
 
     token_dim = settings_attribute("token_dim")
     num_tokens = settings_attribute("num_tokens")
@@ -97,6 +98,7 @@ class DiffusionDecoder(VisualDecoder):
     cond_dropout = settings_attribute("cond_dropout", writable=True)
     snr_gamma = settings_attribute("snr_gamma", writable=True)
     token_noise = settings_attribute("token_noise", writable=True)
+    sampling = settings_attribute("sampling", writable=True)
 
     def __init__(
         self,
@@ -118,6 +120,7 @@ class DiffusionDecoder(VisualDecoder):
         patch_size: int | None = None,
         snr_gamma: float | None = None,
         token_noise: float | None = None,
+        sampling: DecodeConfig | dict[str, Any] | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
     ) -> None:
@@ -155,6 +158,7 @@ class DiffusionDecoder(VisualDecoder):
             "cond_dropout": cond_dropout,
             "snr_gamma": snr_gamma,
             "token_noise": token_noise,
+            "sampling": sampling,
             "null_conditioning": null_conditioning,
             "spatial_channels": spatial_channels,
             "spatial_detail": spatial_detail,
@@ -358,14 +362,17 @@ class DiffusionDecoder(VisualDecoder):
     ) -> Any:
         """Sample images for ``tokens`` ``(b, n, c)``: ``output_type`` ``"pt"`` gives ``(b, 3,
         h, w)`` float32 in [0, 1], ``"pil"`` a list of PIL images. ``config`` (a
-        :class:`~metamorph_core.decoding.DecodeConfig`, a dict of its fields, or ``None`` for
-        its defaults) with ``options`` (its fields as keywords: ``scheduler``, ``steps``,
+        :class:`~metamorph_core.decoding.DecodeConfig`; or a dict of some of its fields, or
+        ``None``, over this decoder's ``sampling`` setting) with ``options`` (its fields as keywords: ``scheduler``, ``steps``,
         ``guidance_scale``, ``seed``) overriding it says how; ``generator``, when given, draws
         the noise instead of the seed. With ``guidance_scale`` != 1 the conditional and
         unconditional (null-context) branches run in one batched UNet call:
         ``uncond + s * (cond - uncond)``. Bad options are ``ValueError``s naming them. The
         loop is :meth:`~metamorph_decoders.sampler.DiffusionSampler.sample`."""
-        config = DecodeConfig.of(config, **options)
+        if config is None or isinstance(config, dict):  # fields over this decoder's sampling
+            config = DecodeConfig.of(self.sampling, **(config or {}), **options)
+        else:
+            config = DecodeConfig.of(config, **options)
         check_output_type(output_type)
         return DiffusionSampler(self).sample(tokens, config, generator, output_type)
 

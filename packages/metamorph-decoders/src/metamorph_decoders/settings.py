@@ -6,8 +6,8 @@ Two kinds of setting are resolved differently. *Structural* settings (:data:`STR
 the token shape, the adapter, the context length, the null context, the prediction type and the
 spatial/patch layout) shape the weights or what they were trained to predict: an explicit
 argument that contradicts the saved value is a :class:`~metamorph_core.errors.CheckpointError`.
-*Training* settings (``mode``, ``cond_dropout``, ``snr_gamma``, ``token_noise``) may be changed
-on reload: an explicit argument wins over the saved value. Either way an argument left ``None``
+*Training* settings (``mode``, ``cond_dropout``, ``snr_gamma``, ``token_noise``) and the
+default ``sampling`` may be changed on reload: an explicit argument wins over the saved value. Either way an argument left ``None``
 takes the saved value, else the default.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from metamorph_core.config import ComponentSpec
+from metamorph_core.decoding import DecodeConfig
 from metamorph_core.errors import CheckpointError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -66,7 +67,9 @@ class DecoderSettings:
     the training-time token perturbation (0: off); ``null_conditioning``: ``zeros`` or
     ``learned``; ``spatial_channels``: input channels of the spatial conditioning map (0: off);
     ``spatial_detail``: side of each token's pattern in that map; ``patch_size``: side of the
-    patches folded into the UNet's channels (1: none)."""
+    patches folded into the UNet's channels (1: none); ``sampling``: how :meth:`decode` samples
+    when not told otherwise (a :class:`~metamorph_core.decoding.DecodeConfig`, or a dict of
+    its fields; recorded without its seed)."""
 
     token_dim: int
     num_tokens: int
@@ -81,6 +84,7 @@ class DecoderSettings:
     spatial_channels: int = 0
     spatial_detail: int = 1
     patch_size: int = 1
+    sampling: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
         # frozen: normalised values are set with object.__setattr__, in the order checked
@@ -118,6 +122,7 @@ class DecoderSettings:
             raise ValueError(f"decoder mode must be 'latent' or 'pixel', got '{self.mode}'")
         object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
         object.__setattr__(self, "adapter", ComponentSpec.parse(self.adapter, "decoder adapter"))
+        object.__setattr__(self, "sampling", DecodeConfig.of(self.sampling, seed=None))
 
     @property
     def adapter_spec(self) -> dict[str, Any]:
@@ -129,6 +134,9 @@ class DecoderSettings:
         :attr:`adapter_spec`)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["adapter"] = self.adapter_spec
+        out["sampling"] = {
+            k: v for k, v in dataclasses.asdict(self.sampling).items() if k != "seed"
+        }
         return out
 
 
@@ -174,6 +182,7 @@ def resolve_settings(
     out["snr_gamma"] = overridable("snr_gamma", None)
     out["token_noise"] = overridable("token_noise", 0.0)
     out["mode"] = overridable("mode", "latent" if has_vae else "pixel")
+    out["sampling"] = overridable("sampling", None) or DecodeConfig()
     return DecoderSettings(**out)
 
 

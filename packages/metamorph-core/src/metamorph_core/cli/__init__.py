@@ -34,6 +34,7 @@ Configure = Callable[[argparse.ArgumentParser], Run]
 _PROVIDED_BY = {
     "train": "metamorph-train",
     "cache-features": "metamorph-train",
+    "convert-research": "metamorph-train",
     "demo": "metamorph-toy",
 }
 

@@ -21,7 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> Run:
         action="store_true",
         help="text-to-image: the answer is one image (prefilled with <image_start>)",
     )
-    g.add_argument("--response-prefix", default="", help="text the answer starts with")
+    g.add_argument(
+        "--response-prefix",
+        default=None,
+        help="text the answer starts with (default: none; with --force-image the model's "
+        "image_answer_prefix, 'Here is an image based on your request: ')",
+    )
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -36,13 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> Run:
         help="the LLM's classifier-free guidance on visual tokens (1.0: off)",
     )
     d = g.add_argument_group("visual decoder (pixels from the visual tokens)")
-    d.add_argument("--decoder-scheduler", default="ddim", help="the decoder's sampler")
-    d.add_argument("--decoder-steps", type=int, default=50, help="denoising steps")
+    d.add_argument("--decoder-scheduler", help="the decoder's sampler (default: its own)")
+    d.add_argument("--decoder-steps", type=int, help="denoising steps (default: its own)")
     d.add_argument(
         "--decoder-guidance-scale",
         type=float,
-        default=7.5,
-        help="the decoder's classifier-free guidance on pixels (1.0: off)",
+        help="the decoder's classifier-free guidance on pixels, 1.0 off (default: its own)",
     )
     d.add_argument("--decoder-seed", type=int, default=None, help="seed of the initial noise")
     d.add_argument("--no-decode", action="store_true", help="keep visual tokens, write no PNG")
@@ -58,19 +62,19 @@ def run(args: argparse.Namespace) -> int:
 
     from metamorph_core import MetaMorphModel
     from metamorph_core.checkpoint import save_tensors
-    from metamorph_core.decoding import DecodeConfig
     from metamorph_core.generation import DoneEvent, GenerationConfig, ImageEvent, TextEvent
 
     transformers.utils.logging.disable_progress_bar()  # the answer streams to the terminal
     for image in args.image:
         if not Path(image).is_file():
             raise FileNotFoundError(f"--image '{image}': no such file")
-    decoding = DecodeConfig(
-        scheduler=args.decoder_scheduler,
-        steps=args.decoder_steps,
-        guidance_scale=args.decoder_guidance_scale,
-        seed=args.decoder_seed,
-    )
+    given = {
+        "scheduler": args.decoder_scheduler,
+        "steps": args.decoder_steps,
+        "guidance_scale": args.decoder_guidance_scale,
+        "seed": args.decoder_seed,
+    }
+    decoding = {k: v for k, v in given.items() if v is not None}  # over the decoder's own
     model = MetaMorphModel.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
     decode = model.decoder is not None and not args.no_decode
     config = GenerationConfig(

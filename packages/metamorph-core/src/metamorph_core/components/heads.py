@@ -1,9 +1,11 @@
 """Vision heads: final backbone hidden state (``d``) -> predicted visual token (``c``).
 
-As the paper's code defines them *for heads* (docs/method.md): ``linear`` is ``Linear(d, c)``;
-``mlp`` is ``Linear(d, d) GELU Linear(d, c)``; ``mlp{depth}x_gelu`` is ``depth`` times
-``Linear(d, d) GELU`` then ``Linear(d, c)`` (so the paper's ``mlp2x_gelu`` has three linears).
-Outputs are L2-normalised by default, matching the normalised encoder targets.
+As the paper's code defines them *for heads* (docs/method.md): ``mlp`` is ``Linear(d, d) GELU
+Linear(d, c)``, the head every training script of the research code uses (the default);
+``mlp{depth}x_gelu`` is ``depth`` times ``Linear(d, d) GELU`` then ``Linear(d, c)`` (so
+``mlp2x_gelu`` has three linears: defined in the research code, unused by its scripts);
+``linear`` is ``Linear(d, c)``. Outputs are L2-normalised by default, matching the normalised
+encoder targets.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
@@ -41,6 +42,8 @@ class HFCausalLM(Backbone):
     ) -> None:
         super().__init__()
         self._lora: dict[str, Any] | None = None
+        # the image tokens' input rows as a parameter of their own (train_image_token_rows)
+        self.register_parameter("image_token_rows", None)
         self._source = str(pretrained) if pretrained is not None else None
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -146,6 +149,36 @@ class HFCausalLM(Backbone):
             if head is not None and head.weight.data_ptr() != w_in.data_ptr():
                 head.weight[new_ids] = head.weight[:n_before].mean(dim=0, keepdim=True)
 
+    # -- the image tokens' rows --------------------------------------------------------------
+    def train_image_token_rows(self) -> nn.Parameter:
+        """Give the input-embedding rows of ``<image_start>`` and ``<image_end>`` a parameter
+        of their own, ``image_token_rows`` ``(2, d)``, which :meth:`embed` uses for those two
+        ids; a trainer can then train these two rows alone while the embedding matrix stays
+        frozen (the paper's stage 1 trains them with the projector). :meth:`save_pretrained`
+        writes them back into the embedding matrix, so the saved model is a plain one and the
+        next stage loads them with it. Returns the parameter (created once)."""
+        if self._lora is not None:
+            raise ValueError(
+                "with LoRA the image tokens' rows already train through peft's trainable tokens"
+            )
+        if self.image_token_rows is None:
+            weight = self.causal_lm.get_input_embeddings().weight
+            ids = [self.image_start_id, self.image_end_id]
+            self.image_token_rows = nn.Parameter(weight[ids].detach().clone())
+        return self.image_token_rows
+
+    def _tied(self) -> bool:
+        lm = self.causal_lm
+        head = lm.get_output_embeddings()
+        return head is not None and head.weight is lm.get_input_embeddings().weight
+
+    def _write_back_image_token_rows(self) -> None:
+        if self.image_token_rows is None:
+            return
+        with torch.no_grad():
+            weight = self.causal_lm.get_input_embeddings().weight
+            weight[[self.image_start_id, self.image_end_id]] = self.image_token_rows.to(weight)
+
     # -- LoRA ------------------------------------------------------------------------------
     def apply_lora(
         self,
@@ -203,7 +236,12 @@ class HFCausalLM(Backbone):
         return self.causal_lm.get_input_embeddings().weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.causal_lm.get_input_embeddings()(input_ids)
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        if self.image_token_rows is None:
+            return embeds
+        rows = self.image_token_rows.to(embeds.dtype)
+        embeds = torch.where((input_ids == self.image_start_id)[..., None], rows[0], embeds)
+        return torch.where((input_ids == self.image_end_id)[..., None], rows[1], embeds)
 
     def forward(
         self,
@@ -223,16 +261,23 @@ class HFCausalLM(Backbone):
         return BackboneOutput(out.last_hidden_state, getattr(out, self._cache_arg, None))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.causal_lm.get_output_embeddings()(hidden_states)
+        head = self.causal_lm.get_output_embeddings()
+        logits = head(hidden_states)
+        if self.image_token_rows is not None and self._tied():  # the rows are the head's too
+            ids = torch.tensor([self.image_start_id, self.image_end_id], device=logits.device)
+            rows = hidden_states @ self.image_token_rows.to(hidden_states.dtype).T  # (..., 2)
+            logits = logits.index_copy(-1, ids, rows.to(logits.dtype))
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
-        """The full model in transformers format; with LoRA, only the peft adapter (and the
-        tokenizer), referring to the base model by its source."""
+        """The full model in transformers format (trained image-token rows written into its
+        embedding matrix); with LoRA, only the peft adapter (and the tokenizer), referring to
+        the base model by its source."""
         self.tokenizer.save_pretrained(str(directory))
         kwargs = {**self._init_kwargs, "dtype": dtype_name(self.dtype)}
+        self._write_back_image_token_rows()
         if self._lora is None:
             self.lm.save_pretrained(str(directory))
             return {**kwargs, "strict": True}

@@ -78,7 +78,7 @@ def stream(
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
-    response_prefix: str | Sequence[str] = "",
+    response_prefix: str | Sequence[str] | None = None,
     force_image: bool = False,
     config: GenerationConfig | None = None,
     **options: Any,
@@ -90,11 +90,15 @@ def stream(
     model's chat template adds the assistant header. ``images`` go with a single string prompt
     (each where an ``<image>`` stands, else before the text); give a list of prompts their
     images through conversations. ``response_prefix``: text the answer starts with (not part
-    of the result), one string for every prompt or one per prompt. ``force_image``: the
-    answer (after ``response_prefix``) is one image, see :func:`generate_image`. ``options``
+    of the result), one string for every prompt or one per prompt; ``None``: nothing, or with
+    ``force_image`` the model's ``image_answer_prefix`` (the words its training data answers
+    generation requests with). ``force_image``: the answer (after ``response_prefix``) is one
+    image, see :func:`generate_image`. ``options``
     set or override :class:`GenerationConfig` fields.
     """
     check_options(options)
+    if response_prefix is None:
+        response_prefix = model.image_answer_prefix if force_image else ""
     conversations = to_conversations(prompts, images)
     cfg = dataclasses.replace(config or GenerationConfig(), **options)
     encoded = encode_prompts(model, conversations, response_prefix, cfg, force_image)
@@ -122,12 +126,14 @@ def generate_image(
     prompts: Prompt | Sequence[Prompt],
     images: Sequence[Any] | None = None,
     *,
-    response_prefix: str | Sequence[str] = "",
+    response_prefix: str | Sequence[str] | None = None,
     config: GenerationConfig | None = None,
     **options: Any,
 ) -> list[GenerationResult]:
     """Text-to-image (and, with input images, image-to-image): each answer is prefilled with
-    ``response_prefix`` and ``<image_start>``, so exactly one image is generated; each result
+    ``response_prefix`` (default: the model's ``image_answer_prefix``, "Here is an image based
+    on your request: " as in the paper's data) and ``<image_start>``, so exactly one image is
+    generated; each result
     holds that image, its text is ``"<image>"`` and it finishes with ``"image"``."""
     events = stream(
         model,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from metamorph_core.decoding import DecodeConfig
@@ -21,10 +21,10 @@ class GenerationConfig:
     or when its text contains one of the ``stop`` strings (the text is cut before it).
     ``visual_guidance_scale``: the LLM's classifier-free guidance on visual tokens, ``1.0`` off.
     ``decode_images``: turn each generated image into a PIL image with the attached decoder,
-    sampled as ``decoding`` says (:class:`~metamorph_core.decoding.DecodeConfig`: scheduler,
-    steps, the decoder's own ``guidance_scale`` on pixels, seed; a dict of its fields is
-    converted); each image is decoded on its own as it completes, so its pixels do not depend
-    on the batch.
+    sampled as ``decoding`` says: a :class:`~metamorph_core.decoding.DecodeConfig`
+    (scheduler, steps, the decoder's own ``guidance_scale`` on pixels, seed), a dict of some of
+    its fields over the decoder's own default sampling, or ``None`` for that default; each
+    image is decoded on its own as it completes, so its pixels do not depend on the batch.
     ``use_cache=False`` recomputes the whole sequence at every step (for reference and
     benchmarks only: same results, much slower).
     """
@@ -39,14 +39,21 @@ class GenerationConfig:
     ignore_eos: bool = False
     visual_guidance_scale: float = 1.0
     decode_images: bool = False
-    decoding: DecodeConfig = field(default_factory=DecodeConfig)
+    decoding: DecodeConfig | dict[str, Any] | None = None
     use_cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "decoding", DecodeConfig.of(self.decoding))
+        if isinstance(self.decoding, dict):  # checked now, applied over the decoder's default
+            DecodeConfig.of(None, **self.decoding)
+            object.__setattr__(self, "decoding", dict(self.decoding))
+        elif self.decoding is not None and not isinstance(self.decoding, DecodeConfig):
+            raise ValueError(
+                f"decoding must be a DecodeConfig, a dict of its fields or None, got "
+                f"{self.decoding!r}"
+            )
         checks = [
             (
                 isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,

@@ -287,7 +287,11 @@ class _Loop:
 
     def _decode(self, tokens: torch.Tensor) -> Any:
         """``(n, c)`` tokens -> a PIL image through the attached decoder."""
-        pixels = self.model.decode_images(tokens[None], self.config.decoding)
+        decoding = self.config.decoding
+        if isinstance(decoding, dict):  # some fields over the decoder's own sampling
+            pixels = self.model.decode_images(tokens[None], None, **decoding)
+        else:
+            pixels = self.model.decode_images(tokens[None], decoding)
         return to_pil(pixels[0])
 
 

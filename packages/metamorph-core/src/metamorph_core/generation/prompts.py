@@ -23,7 +23,9 @@ Prompt = str | Conversation
 def to_conversations(
     prompts: Prompt | Sequence[Prompt], images: Sequence[Any] | None = None
 ) -> list[Conversation]:
-    """Strings become one user turn each; ``images`` belong to a single string prompt."""
+    """Strings become one user turn each; ``images`` belong to a single string prompt, each
+    where an ``<image>`` stands or, when the text has none, all of them before it with one
+    newline after the last (as the research code's demo lays them out)."""
     single = isinstance(prompts, (str, Conversation))
     items = [prompts] if single else list(prompts)
     if not items:
@@ -39,7 +41,8 @@ def to_conversations(
             text = item
             missing = len(images or ()) - text.count(IMAGE_PLACEHOLDER)
             if missing > 0 and IMAGE_PLACEHOLDER not in text:
-                text = f"{IMAGE_PLACEHOLDER}\n" * missing + text
+                # the research code's layout: the images one after another, then one newline
+                text = IMAGE_PLACEHOLDER * missing + "\n" + text
             item = Conversation([Turn("user", text)], list(images or ()), id=f"prompt-{i}")
         elif not isinstance(item, Conversation):
             raise TypeError(

@@ -29,6 +29,11 @@ class GenerativeModel(Protocol):
         """Visual tokens per image (``n``)."""
         ...
 
+    @property
+    def image_answer_prefix(self) -> str:
+        """What an answer says before a generated image when the caller does not say."""
+        ...
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(k, 3, h, w)`` preprocessed images -> ``(k, n, c)`` visual tokens."""
         ...

@@ -13,6 +13,7 @@ from metamorph_core.testing.samples import random_image
 RED = "generate an image of a red square"
 BLUE = "a blue circle"
 ANSWER = "here is an image based on your request: "
+AGAIN = "the same again"
 
 
 def solid(rgb: tuple[float, float, float]) -> torch.Tensor:
@@ -30,10 +31,10 @@ def training_set() -> list[Conversation]:
             [random_image(2)],
         ),
     ]
-    edit = [  # image-to-image: the answer depends on the prompt image
+    edit = [  # image-to-image: the answer is the prompt's image again, so it must read it
         Conversation(
-            [Turn("user", "<image>\nmake it blue"), Turn("assistant", "<image>")],
-            [solid(colour), solid((0.1, 0.1, 0.9))],
+            [Turn("user", f"<image>\n{AGAIN}"), Turn("assistant", "<image>")],
+            [solid(colour), solid(colour)],
         )
         for colour in ((0.9, 0.1, 0.1), (0.1, 0.9, 0.1))
     ]
