@@ -104,6 +104,7 @@ def test_the_files_parse_as_written():
         "paper-stage1-projector.yaml",
         "paper-stage2-full.yaml",
         "qwen-lora.yaml",
+        "stage2-with-guidance.yaml",
     ]
     stage1 = load_recipe(RECIPES / "paper-stage1-projector.yaml")
     assert stage1.model["backbone"]["kwargs"]["pretrained"] == "meta-llama/Llama-3.1-8B-Instruct"

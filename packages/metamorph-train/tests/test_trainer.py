@@ -175,7 +175,9 @@ def test_the_trainer_logs_which_parameter_groups_train(backbone, tmp_path):
     cfg = TrainerConfig(output_dir=str(tmp_path), steps=1, batch_size=2)
     Trainer(_model(backbone, policy="projector"), _data(), cfg, log=lines.append)
     training, frozen = lines[:2]
-    assert training.startswith("training: projector (4 tensors, ") and "head" not in training
+    # stage 1: the projector and the image tokens' two embedding rows (d = 32)
+    assert training.startswith("training: backbone (1 tensor, 64 parameters), projector (4 ")
+    assert "head" not in training
     for group in ("backbone", "encoder", "head"):
         assert f"{group} (" in frozen
     Trainer(_model(backbone), _data(), cfg, log=lines.append)  # policy full: all but the encoder

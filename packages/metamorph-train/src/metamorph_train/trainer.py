@@ -299,7 +299,7 @@ def parameter_groups(model: torch.nn.Module, trained: set[str]) -> list[str]:
 
     def line(train: bool) -> str:
         parts = [
-            f"{group} ({tensors} tensors, {numel:,} parameters)"
+            f"{group} ({tensors} tensor{'s' if tensors != 1 else ''}, {numel:,} parameters)"
             for (t, group), (tensors, numel) in sorted(groups.items())
             if t == train
         ]

@@ -10,7 +10,12 @@ plugins of kind ``objective`` and named by a recipe's ``objective:`` section.
 
 from metamorph_train.objectives.base import NoOptions, Objective
 from metamorph_train.objectives.causal_lm import CausalLMModel, CausalLMObjective
-from metamorph_train.objectives.decoder import DecoderLoss, DecoderModel, DecoderObjective
+from metamorph_train.objectives.decoder import (
+    DecoderLoss,
+    DecoderModel,
+    DecoderObjective,
+    DecoderOptions,
+)
 from metamorph_train.objectives.siglip import SiglipModel, SiglipObjective
 from metamorph_train.objectives.vpit import POLICIES, Policy, VPiTObjective, VPiTOptions
 
@@ -21,6 +26,7 @@ __all__ = [
     "DecoderLoss",
     "DecoderModel",
     "DecoderObjective",
+    "DecoderOptions",
     "NoOptions",
     "Objective",
     "Policy",

@@ -32,6 +32,25 @@ class DecoderModel:
     encoder: dict[str, Any]
 
 
+@dataclass
+class DecoderOptions:
+    """The recipe's ``objective:`` section for ``decoder``. ``resize``: how an image of
+    another size than the decoder's becomes its target: ``crop`` (the paper's visualizer:
+    the shorter side resized to the decoder's size, bilinear with antialiasing, then the centre
+    cropped) or ``squash`` (both sides resized, aspect ratio not kept)."""
+
+    resize: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(
+                f"recipe key 'objective.resize' = '{self.resize}'; use one of {RESIZE_MODES}"
+            )
+
+
+RESIZE_MODES = ("crop", "squash")
+
+
 class DecoderLoss(nn.Module):
     """The decoder's diffusion loss as a module (so DDP/FSDP see a forward). The frozen
     encoder, when given, makes the tokens of images that come without cached ones."""
@@ -70,6 +89,7 @@ class DecoderObjective(Objective):
     ``reference_encoder``: the encoder a feature cache must come from (default ``encoder``)."""
 
     name = "decoder"
+    Options = DecoderOptions
     Model = DecoderModel
     dataset = ImageDataset
     terms = ("diffusion",)
@@ -81,8 +101,12 @@ class DecoderObjective(Objective):
         decoder: nn.Module,
         encoder: nn.Module | None = None,
         reference_encoder: nn.Module | None = None,
+        resize: str = "crop",
     ) -> None:
         super().__init__(DecoderLoss(decoder, encoder))
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got '{resize}'")
+        self.resize = resize
         self.reference_encoder = reference_encoder if reference_encoder is not None else encoder
         if encoder is not None and (
             encoder.num_tokens != decoder.num_tokens or encoder.hidden_size != decoder.token_dim
@@ -107,7 +131,7 @@ class DecoderObjective(Objective):
         decoder = create("decoder", dec.name, **kwargs)
         # with a feature cache the encoder only checks that the cache is its own
         live = None if recipe.data.feature_cache else encoder
-        return cls(decoder, live, reference_encoder=encoder)
+        return cls(decoder, live, reference_encoder=encoder, resize=recipe.options.resize)
 
     def feature_cache(self, path: str) -> FeatureCache:
         from metamorph_train.cache import FeatureCache
@@ -121,7 +145,8 @@ class DecoderObjective(Objective):
         pixels = [p for item in items for p in item.pixels]
         device = self.device()
         out: dict[str, Any] = {"seed": seed}
-        out["pixels"] = torch.stack([_resize(p, decoder.image_size) for p in pixels]).to(device)
+        size = decoder.image_size
+        out["pixels"] = torch.stack([fit(p, size, self.resize) for p in pixels]).to(device)
         if all(item.tokens is not None for item in items):
             out["tokens"] = torch.stack([t for item in items for t in item.tokens]).to(device)
         elif encoder is None:
@@ -150,9 +175,22 @@ class DecoderObjective(Objective):
         return path
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(image.shape[-2:]) == tuple(size):
+def fit(image: torch.Tensor, size: tuple[int, int], mode: str = "crop") -> torch.Tensor:
+    """``(3, h, w)`` pixels in [0, 1] -> ``(3, *size)``: ``crop`` resizes the image so that it
+    covers ``size`` with its aspect ratio kept (the shorter side fits), then cuts the centre;
+    ``squash`` resizes both sides to ``size``. Bilinear with antialiasing; an image of the
+    right size comes back unchanged."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
         return image
-    return F.interpolate(
-        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    h, w = image.shape[-2:]
+    if mode == "crop":
+        scale = max(size[0] / h, size[1] / w)
+        inner = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    else:
+        inner = size
+    out = F.interpolate(
+        image[None].float(), size=inner, mode="bilinear", antialias=True, align_corners=False
     )[0].clamp(0, 1)
+    top, left = (inner[0] - size[0]) // 2, (inner[1] - size[1]) // 2
+    return out[:, top : top + size[0], left : left + size[1]]

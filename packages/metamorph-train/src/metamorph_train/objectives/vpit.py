@@ -5,9 +5,11 @@ Recipe section::
 
     objective:
       name: vpit
-      policy: full            # which parameters train: full | projector | lora (POLICIES)
+      policy: full            # which parameters train: full | projector | lora (POLICIES):
+                              # projector = the projector + the image tokens' embedding rows
       lora: {r: 16, alpha: 32}   # policy lora: HFCausalLM.apply_lora options
-      init_from: null         # a MetaMorph checkpoint to start from (e.g. stage 1's final)
+      init_from: null         # a MetaMorph checkpoint to start from (e.g. stage 1's final);
+                              # model: then holds only settings to change (loss weights ...)
       pack_to: null           # pack samples into rows of this many tokens
       prompt_dropout: 0.0     # share of generation samples trained with the prompt dropped
       visual_input_noise: 0.0 # noise on the target images' tokens the LLM reads
@@ -15,6 +17,7 @@ Recipe section::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +34,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from metamorph_train.cache import FeatureCache
     from metamorph_train.recipe import Recipe
 
+logger = logging.getLogger("metamorph")
+
 
 @dataclass(frozen=True)
 class Policy:
-    """A named choice of the unified model's trained parameters."""
+    """A named choice of the unified model's trained parameters: ``prepare(model)`` readies
+    the model once (e.g. gives the image tokens' rows a parameter of their own), then
+    ``select(model, name, param)`` says whether a parameter trains."""
 
     description: str
-    select: Callable[[Any, str, nn.Parameter], bool]  # (model, name, param) -> trains
+    select: Callable[[Any, str, nn.Parameter], bool]
+    prepare: Callable[[Any], None] = lambda model: None
 
 
 def _full(model: Any, name: str, param: nn.Parameter) -> bool:
@@ -46,13 +54,36 @@ def _full(model: Any, name: str, param: nn.Parameter) -> bool:
     return not name.startswith("encoder.") or not model.config.freeze_encoder
 
 
+def _image_token_rows(model: Any) -> None:
+    """The paper's stage 1 trains the input embeddings of the image tokens with the projector
+    (and stage 2 keeps only those two rows of them): a backbone that can, trains exactly those
+    two rows (``train_image_token_rows``)."""
+    if hasattr(model.backbone, "train_image_token_rows"):
+        model.backbone.train_image_token_rows()
+    else:
+        logger.warning(
+            "backbone '%s' cannot train the image tokens' embedding rows alone; policy "
+            "'projector' trains the projector only",
+            model.config.backbone.name,
+        )
+
+
+def _lora_applied(model: Any) -> None:
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError(
+            "policy 'lora' trains LoRA weights, but the model has none; apply them first "
+            "(model.apply_lora(...), or the recipe's objective.lora)"
+        )
+
+
 POLICIES: dict[str, Policy] = {
     "full": Policy(
         "everything but a frozen encoder and an attached decoder (the paper's stage 2)", _full
     ),
     "projector": Policy(
-        "the input projector only (the paper's stage 1)",
-        lambda model, name, param: name.startswith("projector."),
+        "the input projector and the image tokens' input-embedding rows (the paper's stage 1)",
+        lambda model, name, param: name.startswith(("projector.", "backbone.image_token_rows")),
+        _image_token_rows,
     ),
     "lora": Policy(
         "the LLM's LoRA weights and image-token rows, the projector and the vision head",
@@ -60,6 +91,7 @@ POLICIES: dict[str, Policy] = {
             name.startswith(("projector.", "head."))
             or (name.startswith("backbone.") and param.requires_grad)
         ),
+        _lora_applied,
     ),
 }
 
@@ -113,11 +145,7 @@ class VPiTObjective(Objective):
         super().__init__(model)
         if policy not in POLICIES:
             raise ValueError(f"unknown VPiT policy '{policy}'; use one of {sorted(POLICIES)}")
-        if policy == "lora" and not any("lora_" in n for n, _ in model.named_parameters()):
-            raise ValueError(
-                "policy 'lora' trains LoRA weights, but the model has none; apply them first "
-                "(model.apply_lora(...), or the recipe's objective.lora)"
-            )
+        POLICIES[policy].prepare(model)
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not visual_input_noise >= 0.0:
@@ -132,6 +160,7 @@ class VPiTObjective(Objective):
         o: VPiTOptions = recipe.options
         if o.init_from:
             model = MetaMorphModel.from_pretrained(o.init_from)
+            model.update_config(**recipe.model)  # e.g. stage 2 turns the visual loss on
         else:
             model = MetaMorphModel.from_config(recipe.model)
         if o.policy == "lora":
