@@ -107,18 +107,25 @@ def test_task_builders_use_the_papers_templates():
     assert edit["image"] == ["a.png", "b.png"] and edit["conversations"][1]["value"].endswith(
         "<image>"
     )
-    video = create("task", "video-next-frame")({"id": 3, "frames": ["f0", "f1", "f2"]})
-    assert (
-        video["conversations"][0]["value"].count("<image>") == 2
-        and video["conversations"][1]["value"] == "<image>"
+    video = create("task", "video-next-frame")(
+        {"id": 3, "frames": ["f0", "f1", "f2"], "interval": 1.0}
     )
-    order = create("task", "video-reorder")({"id": 4, "frames": ["f0", "f1", "f2", "f3"]})
-    answer = [int(x) for x in order["conversations"][1]["value"].split(", ")]
-    assert [order["image"][k - 1] for k in answer] == ["f0", "f1", "f2", "f3"]
+    assert video["conversations"][0]["value"].startswith(
+        "I have a video starting with this frame: <image>. Can you predict what happens in "
+        "the next 2 frames, each 1.0 seconds apart?"
+    )
+    assert video["conversations"][1]["value"].endswith("Here are my predictions: <image> <image>")
+    order = create("task", "video-reorder")(
+        {"id": 4, "frames": ["f0", "f1", "f2", "f3"], "interval": 0.5}
+    )  # the frames shown shuffled, then generated in time order
+    assert sorted(order["image"][:4]) == order["image"][4:] == ["f0", "f1", "f2", "f3"]
+    assert order["conversations"][1]["value"].count("<image>") == 4
     think = create("task", "visual-thinking")(
         {"id": 5, "image": "i", "crop": "c", "question": "q?", "answer": "a"}
     )
-    assert think["conversations"][1]["value"] == "<image>\na"
+    assert think["image"] == ["i", "c"] and think["conversations"][1]["value"].endswith(
+        " <image> a"
+    )
     text = create("task", "text")({"id": 6, "prompt": "2+3?", "response": "5"})
     assert text["image"] == []
     for record in (t2i, edit, video, order, think, text):  # all valid, all parse
