@@ -52,3 +52,8 @@ def register_commands(register: Register) -> None:
         "metamorph_train.commands:configure_cache_features",
         description="encode a dataset's images once into a feature cache",
     )
+    register(
+        "convert-research",
+        "metamorph_train.research.command:configure",
+        description="convert a checkpoint of the research code (facebookresearch/metamorph)",
+    )
