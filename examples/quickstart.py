@@ -98,7 +98,7 @@ def main() -> int:
                 },
             },
         },
-        "head": "mlp2x_gelu",
+        "head": "mlp",
         "visual_loss": "cosine",
         "template": "llama3",
     }
