@@ -57,7 +57,7 @@ def core() -> None:
 
 
 def everything() -> None:
-    want = {"plugins", "generate", "merge-lora", "train", "cache-features", "demo"}
+    want = {"plugins", "generate", "merge-lora", "train", "cache-features", "demo", "eval"}
     assert want <= commands(), commands()
     import yaml
     from PIL import Image

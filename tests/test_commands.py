@@ -15,6 +15,7 @@ OWN_COMMANDS = {
     "metamorph-core": {"plugins", "generate", "merge-lora"},
     "metamorph-train": {"train", "cache-features", "convert-research"},
     "metamorph-toy": {"demo"},
+    "metamorph-eval": {"eval"},
     "metamorph-encoders": set(),
     "metamorph-decoders": set(),
 }

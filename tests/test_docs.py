@@ -33,7 +33,7 @@ SOURCES = _tracked("*.py", "*.yaml", "*.toml")
 def test_the_documentation_is_found():
     names = {p.relative_to(ROOT).as_posix() for p in MARKDOWN}
     assert {"README.md", "docs/architecture.md", "docs/method.md"} <= names
-    for package in ("core", "encoders", "decoders", "train", "toy"):
+    for package in ("core", "encoders", "decoders", "train", "eval", "toy"):
         assert f"packages/metamorph-{package}/README.md" in names
 
 

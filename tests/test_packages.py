@@ -24,11 +24,16 @@ def test_core_declares_only_its_minimal_dependencies():
 
 
 def test_packages_declare_compatible_ranges_of_each_other():
-    for package in ("metamorph-encoders", "metamorph-decoders", "metamorph-train"):
+    packages = ("encoders", "decoders", "train", "eval", "toy")
+    for package in (f"metamorph-{p}" for p in packages):
         core = [d for d in _deps(package) if d.startswith("metamorph-core")]
         assert core == ["metamorph-core>=0.1,<0.2"], package
     train = _deps("metamorph-train")
     assert "metamorph-encoders>=0.1,<0.2" in train and "metamorph-decoders>=0.1,<0.2" in train
+    toy = _deps("metamorph-toy")
+    assert "metamorph-train>=0.1,<0.2" in toy and "metamorph-eval>=0.1,<0.2" in toy
+    # eval needs only core: encoders / decoders are created by name when a metric asks
+    assert not [d for d in _deps("metamorph-eval") if d.startswith(("metamorph-train", "metamorph-toy"))]
 
 
 def _modules_after(code: str, env: dict[str, str]) -> set[str]:

@@ -78,6 +78,36 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
         assert (out / grid).is_file() and grid in report
 
 
+def test_metamorph_eval_scores_the_demos_test_sets_as_the_demo_does(micro_run, tmp_path):
+    """The demo writes its test sets in the layouts of `metamorph eval`: the understanding
+    questions rescored from the command line give the demo's number; the generation prompts
+    run through the `toy-judge` image task with the demo's judge."""
+    out = micro_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    args = ["eval", "understanding", "--model", str(out / "vpit" / "final"), "--image-root"]
+    args += [str(out / "eval"), "--out", str(tmp_path / "u"), "--batch-size", "16"]
+    tasks = ["--tasks", f"exact-match={out / 'eval' / 'understanding.jsonl'}"]
+    assert cli([*args, *tasks, "--max-new-tokens", "8"]) == 0
+    rescored = json.loads((tmp_path / "u" / "exact-match" / "results.json").read_text())
+    demo = metrics["understanding_accuracy"]
+    assert rescored["metrics"]["accuracy"]["n"] == demo["n"]
+    assert rescored["metrics"]["accuracy"]["value"] == pytest.approx(demo["value"])
+    assert rescored["metrics"]["per_category"]["shape"]["value"] == pytest.approx(
+        demo["per_attribute"]["shape"]
+    )
+    prompts = out / "eval" / "generation.jsonl"
+    rows = [json.loads(x) for x in prompts.read_text().splitlines()]
+    assert len(rows) == PRESETS["micro"].generation_test
+    assert set(rows[0]["scene"]) == {"shape", "colour", "size", "position"}
+    images = ["eval", "images", "--model", str(out / "vpit" / "final"), "--task", "toy-judge"]
+    images += ["--task-option", f"judge={out / 'judge'}", "--prompts", str(prompts)]
+    images += ["--decoder", str(out / "decoder" / "final"), "--out", str(tmp_path / "g")]
+    assert cli([*images, "--decoder-steps", "4", "--decoder-guidance-scale", "1.0"]) == 0
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert results["samples"] == len(rows) and 0.0 <= results["metrics"]["accuracy"]["value"] <= 1
+    assert len(list((tmp_path / "g" / "images").glob("*.png"))) == len(rows)
+
+
 def test_overwrite_replaces_only_a_demo_run(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "vpit" / "final").mkdir(parents=True)

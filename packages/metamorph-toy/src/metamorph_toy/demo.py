@@ -440,7 +440,7 @@ def tune_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -
 _RUN_ENTRIES = {
     "data", "judge", "encoder", "cache", "decoder", "lm", "vpit", "recipes", "metrics.json",
     "report.md", "generation.png", "reasoning.png", "understanding.png", "cache-predicted",
-    "decoder-tuned",
+    "decoder-tuned", "eval",
 }  # fmt: skip
 
 

@@ -1,9 +1,14 @@
 """Scoring a toy-world run (the demo's ``eval`` stage): the metrics of ``metrics.json``, each
 accuracy with its Wilson 95% interval and chance level, and ``report.md`` with PNG grids.
 
-Everything judged from pixels goes through the independent judge (:mod:`.judge`); everything
-in token space is compared with per-scene prototypes of the encoder's tokens. The model is
-loaded from the run's saved checkpoints, as a user would load it.
+Everything judged from pixels goes through the independent judge (:mod:`.judge`), with the
+scoring of the ``toy-judge`` task of ``metamorph eval images`` (:func:`.eval_task.judged`);
+answers to questions are scored as the ``exact-match`` task of ``metamorph eval
+understanding`` does. Everything in token space is compared with per-scene prototypes of the
+encoder's tokens. The model is loaded from the run's saved checkpoints, as a user would load
+it. The test sets are written to ``OUT/eval/`` in the layouts of ``metamorph eval``
+(``understanding.jsonl`` with its images, ``generation.jsonl``), so that the scores can be
+rerun from the command line.
 """
 
 from __future__ import annotations
@@ -92,12 +97,14 @@ class Evaluator:
 
     def understanding(self) -> tuple[dict[str, Any], list[tuple[np.ndarray, str, str, str]]]:
         from metamorph_core.conversation import Conversation, Turn
+        from metamorph_eval.scoring import exact_match
 
         items = []
         for k in range(self.preset.vqa_test):
             s = self.scenes[int(self.rng.integers(len(self.scenes)))]
             attribute = W.ATTRIBUTES[k % len(W.ATTRIBUTES)]
             items.append((W.render(s, self.rng), attribute, W.answer(s, attribute)))
+        self._write_understanding(items)
         right, shown = 0, []
         asked: dict[str, list[bool]] = {a: [] for a in W.ATTRIBUTES}
         for batch in _batches(items, 32):
@@ -110,8 +117,9 @@ class Evaluator:
             results = self.model.generate(convs, max_new_tokens=8)
             for (img, a, truth), r in zip(batch, results, strict=True):
                 said = r.text.strip().strip(".").lower()
-                right += said == truth
-                asked[a].append(said == truth)
+                hit = bool(exact_match(r.text, [truth]))
+                right += hit
+                asked[a].append(hit)
                 shown.append((img, W.QUESTIONS[a], said, truth))
         values = {"shape": W.SHAPES, "colour": W.COLOURS, "size": W.SIZES, "position": W.POSITIONS}
         chance = float(np.mean([1 / len(values[W.ATTRIBUTES[k % 4]]) for k in range(len(items))]))
@@ -149,10 +157,55 @@ class Evaluator:
         return torch.stack(tokens), said
 
     def judged(self, pixels: Any, scenes: list[W.Scene]) -> tuple[int, list[dict[str, str]]]:
-        from metamorph_toy.judge import correct
+        from metamorph_toy.eval_task import judged
 
-        preds = self.judge.predict(pixels)
-        return sum(correct(p, s) for p, s in zip(preds, scenes, strict=True)), preds
+        scored = judged(self.judge, pixels, scenes)
+        return sum(right for right, _ in scored), [found for _, found in scored]
+
+    def _write_understanding(self, items: list[tuple[np.ndarray, str, str]]) -> None:
+        """The questions in the layout of ``metamorph eval understanding`` (``exact-match``):
+        ``OUT/eval/understanding.jsonl`` and its images under ``OUT/eval/``."""
+        import json
+
+        folder = self.out / "eval" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for k, (img, attribute, truth) in enumerate(items):
+            Image.fromarray(img).save(folder / f"u-{k:05d}.png")
+            rows.append(
+                {
+                    "id": f"u{k}",
+                    "question": W.QUESTIONS[attribute],
+                    "image": f"images/u-{k:05d}.png",
+                    "answer": truth,
+                    "category": attribute,
+                }
+            )
+        (self.out / "eval" / "understanding.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+
+    def write_generation(self, scenes: list[W.Scene], prompts: list[str]) -> None:
+        """The generation test set in the layout of ``metamorph eval images`` (``toy-judge``):
+        each prompt with its scene, and as the answer's start the right restatement (the
+        demo's own protocol lets the model restate first; this file asks it to draw from the
+        right words)."""
+        import json
+        from dataclasses import asdict
+
+        rows = [
+            {
+                "id": f"g{k}",
+                "prompt": prompt,
+                "response_prefix": W.restatement(scene, self.preset.restate) + " ",
+                "scene": asdict(scene),
+            }
+            for k, (scene, prompt) in enumerate(zip(scenes, prompts, strict=True))
+        ]
+        (self.out / "eval").mkdir(exist_ok=True)
+        (self.out / "eval" / "generation.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
 
     @staticmethod
     def per_attribute(preds: list[dict[str, str]], scenes: list[W.Scene]) -> dict[str, float]:
@@ -201,6 +254,7 @@ def evaluate(
         for k in range(preset.generation_test)
     ]
     prompts = [W.generation_prompt(s, k) for k, s in enumerate(test)]
+    ev.write_generation(test, prompts)
     tokens, said = ev.generate(prompts)
     if preset.restate:
         metrics["generation_restatement_accuracy"] = _restated(said, test)

@@ -13,3 +13,12 @@ def register_commands(register: Register) -> None:
         description="the whole method on the built-in toy world, offline: train every stage, "
         "evaluate",
     )
+
+
+@hookimpl
+def register_eval_tasks(register: Register) -> None:
+    register(
+        "toy-judge",
+        "metamorph_toy.eval_task:ToyJudgeTask",
+        description="the toy world's judge scores each generated image against its scene",
+    )

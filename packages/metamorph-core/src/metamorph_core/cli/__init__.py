@@ -36,6 +36,7 @@ _PROVIDED_BY = {
     "cache-features": "metamorph-train",
     "convert-research": "metamorph-train",
     "demo": "metamorph-toy",
+    "eval": "metamorph-eval",
 }
 
 

@@ -48,6 +48,7 @@ KIND_HOOKS: dict[str, str] = {
     "template": "register_templates",
     "task": "register_tasks",
     "objective": "register_objectives",
+    "eval_task": "register_eval_tasks",
     "command": "register_commands",
 }
 
@@ -111,3 +112,10 @@ def register_commands(register: Register) -> None:
     function that runs it (``run(args) -> exit code``); see :mod:`metamorph_core.cli`. Keep
     the module that defines it light (import torch inside ``run``) so ``metamorph --help``
     stays fast."""
+
+
+@hookspec
+def register_eval_tasks(register: Register) -> None:
+    """Register evaluation tasks: how ``metamorph eval`` asks and scores a benchmark (the
+    interface, :class:`metamorph_eval.tasks.EvalTask`, lives in metamorph-eval; core only
+    names the hook)."""
