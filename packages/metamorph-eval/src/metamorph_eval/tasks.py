@@ -39,7 +39,7 @@ class EvalSample:
     options: dict[str, str] = field(default_factory=dict)
 
 
-def _with_images(question: str, images: Sequence[str]) -> str:
+def with_images(question: str, images: Sequence[str]) -> str:
     """The question with an ``<image>`` for every image: where the text places them, else all
     before it, one newline after (the research demo's and LLaVA's layout)."""
     if images and "<image>" not in question:
@@ -70,7 +70,7 @@ class EvalTask:
         return {"task": self.name, "prompt_suffix": self.suffix}
 
     def samples(self, record: EvalRecord) -> list[EvalSample]:
-        question = _with_images(record.question, record.images)
+        question = with_images(record.question, record.images)
         prompt = f"{question}\n{self.suffix}" if self.suffix else question
         return [EvalSample(record.id, record, prompt, record.images, record.answers)]
 
@@ -124,7 +124,7 @@ class MultipleChoiceTask(EvalTask):
     def samples(self, record: EvalRecord) -> list[EvalSample]:
         if not record.options:
             raise ValueError(f"record {record.id!r} has no 'options' for a multiple-choice task")
-        question = _with_images(record.question, record.images)
+        question = with_images(record.question, record.images)
         variants = scoring.circular_variants(record.options, record.answers[0])
         if not self.circular:
             variants = variants[:1]
