@@ -33,7 +33,9 @@ def test_packages_declare_compatible_ranges_of_each_other():
     toy = _deps("metamorph-toy")
     assert "metamorph-train>=0.1,<0.2" in toy and "metamorph-eval>=0.1,<0.2" in toy
     # eval needs only core: encoders / decoders are created by name when a metric asks
-    assert not [d for d in _deps("metamorph-eval") if d.startswith(("metamorph-train", "metamorph-toy"))]
+    assert not [
+        d for d in _deps("metamorph-eval") if d.startswith(("metamorph-train", "metamorph-toy"))
+    ]
 
 
 def _modules_after(code: str, env: dict[str, str]) -> set[str]:
