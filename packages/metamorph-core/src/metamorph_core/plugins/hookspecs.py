@@ -49,6 +49,7 @@ KIND_HOOKS: dict[str, str] = {
     "task": "register_tasks",
     "objective": "register_objectives",
     "eval_task": "register_eval_tasks",
+    "logger": "register_loggers",
     "command": "register_commands",
 }
 
@@ -119,3 +120,10 @@ def register_eval_tasks(register: Register) -> None:
     """Register evaluation tasks: how ``metamorph eval`` asks and scores a benchmark (the
     interface, :class:`metamorph_eval.tasks.EvalTask`, lives in metamorph-eval; core only
     names the hook)."""
+
+
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register experiment loggers: where ``metamorph train`` sends metrics, the recipe and
+    validation samples (``train.loggers: [jsonl, tensorboard]``; the interface lives in
+    metamorph-train; core only names the hook)."""
