@@ -34,6 +34,15 @@ class ImageFeatures:
     tokens: Any
 
 
+@dataclass(frozen=True)
+class PixelValues:
+    """An image already through the encoder's ``preprocess`` (in a data-loader worker, say):
+    ``(3, h, w)`` pixel values. Stands in a conversation where an image would; a batch of them
+    is stacked as it is, not preprocessed again."""
+
+    pixels: Any
+
+
 @dataclass
 class Turn:
     role: str  # "system" | "user" | "assistant"

@@ -21,7 +21,7 @@ from torch import nn
 
 from metamorph_core import generation, saving
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
-from metamorph_core.conversation import Conversation, ImageFeatures
+from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues
 from metamorph_core.decoding import DecodeConfig
 from metamorph_core.dtypes import module_dtype
 from metamorph_core.errors import ShapeMismatchError
@@ -337,18 +337,26 @@ class MetaMorphModel(nn.Module):
         pack_to: int | None = None,
     ) -> dict[str, Any]:
         """Conversations -> a batch for :meth:`forward` on the model's device (images
-        preprocessed by the encoder). ``pack_to``: pack samples into rows of that many tokens
+        preprocessed by the encoder; :class:`~metamorph_core.conversation.PixelValues` and
+        :class:`~metamorph_core.conversation.ImageFeatures` stacked as they are). ``pack_to``: pack samples into rows of that many tokens
         (:func:`metamorph_core.sequence.pack`) instead of padding each to the longest."""
         samples = [self.sequence_builder.encode(c, add_generation_prompt) for c in conversations]
         pad_id = self.sequence_builder.pad_id
         batch = pack(samples, pack_to, pad_id) if pack_to else collate(samples, pad_id=pad_id)
         images = batch.pop("images")
         cached = [isinstance(x, ImageFeatures) for x in images]
+        ready = [isinstance(x, PixelValues) for x in images]
         if images and all(cached):  # encoded once, ahead of time: the encoder is skipped
             batch["image_features"] = torch.stack([x.tokens for x in images])
         elif any(cached):
             raise ValueError(
                 "a batch mixes cached image features with raw images; encode all or none"
+            )
+        elif images and all(ready):  # preprocessed already (in the data loader's workers)
+            batch["pixel_values"] = torch.stack([x.pixels for x in images])
+        elif any(ready):
+            raise ValueError(
+                "a batch mixes preprocessed pixel values with raw images; preprocess all or none"
             )
         elif images:
             batch["pixel_values"] = self.encoder.preprocess(images)

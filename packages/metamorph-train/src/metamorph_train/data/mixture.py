@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from metamorph_train.data.dataset import RecordDataset
+
 
 class Mixture:
     """Draws from ``datasets`` with probability proportional to ``weights``.
@@ -50,14 +52,19 @@ class Mixture:
         while True:
             yield self.next()
 
-    def next(self) -> tuple[str, Any]:
-        """The next ``(dataset name, item)``."""
+    def next(self, described: bool = False) -> tuple[str, Any]:
+        """The next ``(dataset name, item)``; ``described``: a record dataset's item as
+        :meth:`RecordDataset.describe <metamorph_train.data.RecordDataset.describe>` gives it
+        (images unread: the loader's workers read them). The draws are the same either way."""
         name = self.names[int(torch.multinomial(self.probs, 1, generator=self.gen))]
         self.steps += 1
+        dataset = self.datasets[name]
+        lazy = described and isinstance(dataset, RecordDataset)
         if name in self.streams:
-            return name, self.datasets[name].next()
+            return name, dataset.next_described() if lazy else dataset.next()
         epoch, index = self.position[name]
-        item = self.datasets[name][self._order(name, epoch)[index]]
+        at = self._order(name, epoch)[index]
+        item = dataset.describe_at(at) if lazy else dataset[at]
         index += 1
         if index == len(self.datasets[name]):
             epoch, index = epoch + 1, 0

@@ -13,6 +13,7 @@ class attributes say what the recipe may hold for it: ``Options`` types the reci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,6 +80,13 @@ class Objective:
         """A drawn item before batching (random choices from ``generator``, which every rank
         shares and the checkpoint saves)."""
         return item
+
+    def item_transform(self) -> Callable[[Any], Any] | None:
+        """What the data loader's workers apply to each item once its images are read: the
+        per-item preprocessing (the encoder's transform), so the main process only collates.
+        :meth:`batch` must accept items with and without it. Default: none. Workers are
+        forked (Linux), so the callable may refer to the model; it must not use a GPU."""
+        return None
 
     def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
         """This rank's items -> keyword arguments of :meth:`loss_sums`; ``seed`` is unique to

@@ -6,7 +6,8 @@ the decoder in the SD layout (``create("decoder", "sd-unet", pretrained=...)`` l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamorph_train.data import ImageDataset
+from metamorph_train.data import ImageDataset, ImageItem
 from metamorph_train.objectives.base import Objective
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +141,14 @@ class DecoderObjective(Objective):
         # --predicted-by); everything else needs the encoder's own tokens of the images
         return FeatureCache(path, self.reference_encoder, allow_predicted=True)
 
+    def item_transform(self) -> Callable[[Any], Any] | None:
+        encoder = self.module.encoder
+        return FitImages(
+            tuple(self.module.decoder.image_size),
+            self.resize,
+            None if encoder is None else encoder.preprocess,
+        )
+
     def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
         decoder, encoder = self.module.decoder, self.module.encoder
         pixels = [p for item in items for p in item.pixels]
@@ -154,6 +163,10 @@ class DecoderObjective(Objective):
                 "decoder training needs encoder tokens: give model.encoder (tokens are "
                 "computed live) or data.feature_cache"
             )
+        elif all(item.encoder_pixels is not None for item in items):  # made by loader workers
+            out["encoder_pixels"] = torch.stack(
+                [p for item in items for p in item.encoder_pixels]
+            ).to(device)
         else:
             out["encoder_pixels"] = encoder.preprocess(pixels).to(device)
         return out
@@ -173,6 +186,23 @@ class DecoderObjective(Objective):
     def save(self, path: Path) -> Path:
         self.module.decoder.save_pretrained(path)
         return path
+
+
+@dataclass(frozen=True)
+class FitImages:
+    """An item's read images fitted to the decoder's size and, when tokens are encoded live,
+    put through the encoder's ``preprocess`` (run in the loader's workers)."""
+
+    size: tuple[int, int]
+    resize: str
+    preprocess: Callable[[Any], torch.Tensor] | None
+
+    def __call__(self, item: ImageItem) -> ImageItem:
+        encoder_pixels = None
+        if item.tokens is None and self.preprocess is not None:
+            encoder_pixels = [self.preprocess([p])[0] for p in item.pixels]
+        fitted = [fit(p, self.size, self.resize) for p in item.pixels]
+        return replace(item, pixels=fitted, encoder_pixels=encoder_pixels)
 
 
 def fit(image: torch.Tensor, size: tuple[int, int], mode: str = "crop") -> torch.Tensor:

@@ -5,12 +5,14 @@ the ``siglip`` encoder loads. The building blocks (config, loss, saving) are in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from metamorph_core.conversation import PixelValues
 from metamorph_train.data import PairDataset
 from metamorph_train.objectives.base import Objective
 
@@ -26,6 +28,25 @@ class SiglipModel:
     tokenizer: str | None = None  # a tokenizer directory; None: train one on the captions
     vocab_size: int = 1000  # of a trained tokenizer
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessPair:
+    """A pair's read image through the image tower's transform (in the loader's workers)."""
+
+    transform: Callable[[Any], torch.Tensor]
+
+    def __call__(self, pair: tuple[Any, str]) -> tuple[PixelValues, str]:
+        image, caption = pair
+        return PixelValues(self.transform([image])[0]), caption
+
+
+def pixel_values(images: Any, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """``(b, 3, h, w)``: the images through ``transform``, or stacked where the loader's
+    workers did that already."""
+    if all(isinstance(x, PixelValues) for x in images):
+        return torch.stack([x.pixels for x in images])
+    return transform(list(images))
 
 
 class SiglipObjective(Objective):
@@ -66,6 +87,9 @@ class SiglipObjective(Objective):
         )
         return cls(build_siglip(config, seed=m.seed), tokenizer)
 
+    def item_transform(self) -> Callable[[Any], Any] | None:
+        return PreprocessPair(self.transform)
+
     def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
         from metamorph_encoders.pretrain import tokenize_captions
 
@@ -78,7 +102,7 @@ class SiglipObjective(Objective):
         length = self.module.config.text_config.max_position_embeddings
         device = self.device()
         return {
-            "pixel_values": self.transform(list(images)).to(device),
+            "pixel_values": pixel_values(images, self.transform).to(device),
             "input_ids": tokenize_captions(self.tokenizer, captions, length).to(device),
         }
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues
 from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.data import ConversationDataset
 from metamorph_train.objectives.base import Objective
@@ -35,6 +36,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from metamorph_train.recipe import Recipe
 
 logger = logging.getLogger("metamorph")
+
+
+@dataclass(frozen=True)
+class PreprocessImages:
+    """A conversation's read images through the encoder's ``preprocess``, as
+    :class:`~metamorph_core.conversation.PixelValues` (run in the loader's workers); cached
+    features stay as they are."""
+
+    preprocess: Callable[[Any], torch.Tensor]
+
+    def __call__(self, conversation: Conversation) -> Conversation:
+        images = [
+            x
+            if isinstance(x, (ImageFeatures, PixelValues))
+            else PixelValues(self.preprocess([x])[0])
+            for x in conversation.images
+        ]
+        return replace(conversation, images=images)
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,9 @@ class VPiTObjective(Objective):
         if p > 0 and item.has_target_image and torch.rand(1, generator=generator).item() < p:
             return item.drop_prompt()
         return item
+
+    def item_transform(self) -> Callable[[Any], Any] | None:
+        return PreprocessImages(self.module.encoder.preprocess)
 
     def batch(self, items: list[Any], seed: int) -> dict[str, Any]:
         out = self.module.prepare_batch(items, pack_to=self.pack_to)
