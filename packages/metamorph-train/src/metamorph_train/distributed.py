@@ -1,5 +1,6 @@
 """PyTorch's own distributed engines for the trainer: DDP, and FSDP2 (``fully_shard``) with
-full state dicts gathered for checkpoints. Start processes with ``torchrun``."""
+either sharded state dicts (each rank its shards, for sharded checkpoints) or full ones
+gathered onto rank 0. Start processes with ``torchrun``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def wrap(
     # the mesh follows the training device (fully_shard would otherwise pick CUDA whenever it
     # exists, even for a model on the CPU)
     kind = torch.device(device).type if device else next(model.parameters()).device.type
+    if kind == "cuda" and device is not None and torch.device(device).index is not None:
+        # NCCL's object collectives (the sharded checkpoints' DCP plans) run on the current
+        # device: each rank's own, not cuda:0 for all
+        torch.cuda.set_device(torch.device(device))
     mesh = init_device_mesh(kind, (dist.get_world_size(),))
     for unit in units or []:
         fully_shard(unit, mesh=mesh)
@@ -103,6 +108,44 @@ def load_optimizer_state(
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def sharded_weights(model: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of parameters ``names`` as this rank holds them, without copies: under
+    FSDP2 DTensors whose local part is this rank's shard, otherwise the detached parameters.
+    They share storage with the model, so loading into them (``dcp.load``) loads the model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(f"the model's state dict lacks parameters {missing[:5]}")
+    return {n: state[n] for n in names}
+
+
+def set_sharded_weights(model: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (as :func:`sharded_weights` returns them) into ``model``'s parameters;
+    a no-op in effect when they were loaded in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+
+
+def sharded_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """``optimizer``'s state keyed by parameter names, tensors as this rank holds them (under
+    FSDP2 DTensor shards; the optimizer's own tensors, not copies). An optimizer that has not
+    stepped yet gets its state made first (a step with zero gradients and learning rate 0), so
+    the result is a template to load a checkpoint into."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def set_sharded_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """The inverse of :func:`sharded_optimizer_state` (param groups included)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
