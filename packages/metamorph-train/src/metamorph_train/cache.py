@@ -77,9 +77,11 @@ def build_cache(
     rank: int | None = None,
     world_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> Path:
     """Encode ``paths`` (relative to ``image_root``) into a cache at ``out``; returns ``out``.
-    ``rank``/``world_size`` default to torchrun's ``RANK``/``WORLD_SIZE``."""
+    ``rank``/``world_size`` default to torchrun's ``RANK``/``WORLD_SIZE``. ``progress``: a
+    progress bar with ETA on rank 0 (on a terminal; counts this rank's images)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     out = Path(out)
@@ -97,7 +99,8 @@ def build_cache(
         return encoder(encoder.preprocess([root.load(p) for p in chunk]).to(device))
 
     mine = list(paths)[rank::world_size]
-    _write_shards(out, mine, encode, (rank, world_size), batch_size, shard_size, dtype)
+    bar = _bar(progress and rank == 0, len(mine), "cache-features", "image")
+    _write_shards(out, mine, encode, (rank, world_size), batch_size, shard_size, dtype, bar)
     return out
 
 
@@ -109,29 +112,47 @@ def _write_shards(
     batch_size: int,
     shard_size: int,
     dtype: torch.dtype,
+    bar: Any = None,
 ) -> None:
     """Write ``make(batch of keys)`` ``(b, t, c)`` tokens for this rank's ``keys`` into shards
     and a part index (each file atomically), then merge the index once every rank's part is
-    there. A key is an image path, or a tuple whose first element is one."""
+    there. A key is an image path, or a tuple whose first element is one. ``bar``: a tqdm bar
+    advanced per batch and closed at the end (``None``: none)."""
     rank, world_size = rank_of
     index: dict[str, list[Any]] = {}
+
+    def batch(some: list[Any]) -> torch.Tensor:
+        tokens = make(some).to(dtype).cpu()
+        if bar is not None:
+            bar.update(len(some))
+        return tokens
+
     for k, start in enumerate(range(0, max(len(keys), 1), shard_size)):
         chunk = keys[start : start + shard_size]
         if not chunk:
             break
-        parts = [
-            make(chunk[b : b + batch_size]).to(dtype).cpu()
-            for b in range(0, len(chunk), batch_size)
-        ]
+        parts = [batch(chunk[b : b + batch_size]) for b in range(0, len(chunk), batch_size)]
         name = f"shard-{rank:05d}-{k:05d}.safetensors"
         save_file({"tokens": torch.cat(parts).contiguous()}, str(out / f".{name}.tmp"))
         os.replace(out / f".{name}.tmp", out / name)
         paths = [key[0] if isinstance(key, tuple) else key for key in chunk]
         index.update({p: [name, i] for i, p in enumerate(paths)})
+    if bar is not None:
+        bar.close()
     part = out / f"index-{rank:05d}-of-{world_size:05d}.json"
     write_json(out / f".{part.name}.tmp", index)
     os.replace(out / f".{part.name}.tmp", part)
     _merge_if_complete(out, world_size)
+
+
+def _bar(show: bool, total: int, desc: str, unit: str) -> Any:
+    """A tqdm progress bar with ETA, or ``None`` when ``show`` is false; on a non-terminal
+    stderr tqdm stays quiet."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
 
 
 def generation_prompts(records: Iterable[dict[str, Any]]) -> list[tuple[str, Any, str]]:
@@ -169,12 +190,13 @@ def build_predicted_cache(
     batch_size: int = 32,
     shard_size: int = 4096,
     dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> int:
     """Cache, under each text-to-image record's target image, the visual tokens ``model`` (a
     :class:`~metamorph_core.MetaMorphModel`) generates greedily from the record's prompt, as
     inference does; returns how many images were cached (the first record naming an image
     gives its prompt; none: nothing is written). ``predicted_by`` (the model's checkpoint) goes into the cache's
-    config."""
+    config. ``progress``: a progress bar with ETA (on a terminal)."""
     first: dict[str, tuple[str, Any, str]] = {}
     for item in generation_prompts(records):
         first.setdefault(item[0], item)
@@ -202,7 +224,8 @@ def build_predicted_cache(
         )
         return torch.stack([r.images[0] for r in results])
 
-    _write_shards(out, keys, predict, (0, 1), batch_size, shard_size, dtype)
+    bar = _bar(progress, len(keys), "predict tokens", "image")
+    _write_shards(out, keys, predict, (0, 1), batch_size, shard_size, dtype, bar)
     return len(keys)
 
 

@@ -41,6 +41,27 @@ def register_objectives(register: Register) -> None:
 
 
 @hookimpl
+def register_loggers(register: Register) -> None:
+    at = "metamorph_train.loggers"
+    register("jsonl", f"{at}.jsonl:JSONLLogger", description="output_dir/metrics.jsonl (default)")
+    register(
+        "tensorboard",
+        f"{at}.tensorboard:TensorBoardLogger",
+        description="TensorBoard event files (extra: tensorboard)",
+    )
+    register(
+        "wandb",
+        f"{at}.wandb:WandbLogger",
+        description="a Weights & Biases run, online or offline (extra: wandb)",
+    )
+    register(
+        "mlflow",
+        f"{at}.mlflow:MLflowLogger",
+        description="an MLflow run, by default a local SQLite store (extra: mlflow)",
+    )
+
+
+@hookimpl
 def register_commands(register: Register) -> None:
     register(
         "train",
@@ -56,4 +77,14 @@ def register_commands(register: Register) -> None:
         "convert-research",
         "metamorph_train.research.command:configure",
         description="convert a checkpoint of the research code (facebookresearch/metamorph)",
+    )
+    register(
+        "export",
+        "metamorph_train.export:configure",
+        description="a trainer checkpoint (sharded or not) as a model: metamorph export CKPT OUT",
+    )
+    register(
+        "data",
+        "metamorph_train.data.command:configure",
+        description="data tools: metamorph data convert --to webdataset|parquet|hf ...",
     )

@@ -39,14 +39,41 @@ import yaml
 from metamorph_core.errors import ComponentNotFoundError
 from metamorph_train.trainer_config import TrainerConfig
 
+# the formats of metamorph_train.data.formats.FORMATS (kept here: parsing imports no torch)
+SOURCE_FORMATS = ("jsonl", "webdataset", "parquet", "hf")
+
 
 @dataclass
 class Source:
-    path: str  # a .json/.jsonl file; with streaming, a directory or glob of .jsonl shards
+    """One data source. ``format``: ``jsonl`` (``path`` a .json/.jsonl file, or with
+    ``streaming: true`` a directory or glob of .jsonl shards), ``webdataset`` (tar shards: a
+    brace pattern such as ``data/shard-{000000..000099}.tar``, a directory or a glob),
+    ``parquet`` (files: a directory, glob or brace pattern) or ``hf`` (a ``datasets`` dataset
+    saved with ``save_to_disk``, or local data files); layouts in
+    :mod:`metamorph_train.data.sources`. The formats other than jsonl always stream:
+    ``streaming`` is true for them (``streaming: false`` is refused) and false by default for
+    jsonl."""
+
+    path: str
     image_root: str = "."
     weight: float = 1.0
     name: str | None = None
-    streaming: bool = False
+    streaming: bool | None = None  # None: the format's default (see above)
+    format: str = "jsonl"
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(
+                f"data source '{self.path}': unknown format '{self.format}'; use one of "
+                f"{', '.join(SOURCE_FORMATS)}"
+            )
+        if self.format != "jsonl" and self.streaming is False:
+            raise ValueError(
+                f"data source '{self.path}': format '{self.format}' always streams; drop "
+                "'streaming: false' (only jsonl sources are read whole)"
+            )
+        if self.streaming is None:
+            self.streaming = self.format != "jsonl"
 
 
 @dataclass
@@ -55,6 +82,27 @@ class DataConfig:
     on_error: str = "raise"
     feature_cache: str | None = None
     seed: int = 0
+    # data-loader worker processes per rank that read and preprocess images (0: the training
+    # process), each prefetch micro-batches ahead; the data drawn does not depend on either
+    num_workers: int = 0
+    prefetch: int = 2
+    # held-out sources (the Source keys; read whole, not streamed) that validation scores
+    # every train.eval_every steps; unnamed ones are called eval0, eval1, ...
+    eval_sources: list[Source] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        typed = [
+            s if isinstance(s, Source) else _typed(Source, s, f"data.eval_sources[{i}]")
+            for i, s in enumerate(self.eval_sources or [])
+        ]
+        for i, s in enumerate(typed):
+            if getattr(s, "streaming", False):
+                raise ValueError(
+                    f"recipe key 'data.eval_sources[{i}]' streams (streaming: true, or a format "
+                    "other than jsonl); held-out sources are read whole (map-style): give a "
+                    "jsonl file with streaming: false"
+                )
+        self.eval_sources = typed
 
 
 @dataclass
@@ -67,6 +115,24 @@ class Recipe:
     model: Any  # the objective's Model dataclass, or a mapping (vpit: MetaMorphConfig fields)
     data: DataConfig
     train: TrainerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (overrides applied, every default filled in):
+        what ``output_dir/recipe.yaml`` holds; :func:`parse_recipe` of it gives this recipe
+        back."""
+        from metamorph_core.checkpoint import jsonable
+
+        def plain(section: Any) -> Any:
+            return jsonable(
+                dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+            )
+
+        return {
+            "objective": {"name": self.objective, **plain(self.options)},
+            "model": plain(self.model),
+            "data": plain(self.data),
+            "train": plain(self.train),
+        }
 
 
 # keys of the layout before objectives were plugins -> where they went

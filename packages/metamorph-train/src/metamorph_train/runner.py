@@ -1,17 +1,20 @@
 """Running a recipe: the objective it names is built from the registry, its data mixed, the
 trainer run, and the trained model written to ``output_dir/final`` (after the last step; under
-FSDP2 from gathered full weights) next to the step checkpoints."""
+FSDP2 read by rank 0 from the last sharded checkpoint, or from gathered full weights with
+``train.fsdp_checkpoint: full``) next to the step checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metamorph_train import distributed
+from metamorph_train import checkpointing, distributed
 from metamorph_train.recipe import Recipe, objective_class
+from metamorph_train.train_state import latest_checkpoint
 
 
 def build_objective(recipe: Recipe) -> Any:
@@ -24,12 +27,17 @@ def build_objective(recipe: Recipe) -> Any:
 def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Build the objective, data and trainer a recipe names, train, save ``output_dir/final``;
     returns the trainer's summary with ``saved`` (the final directory) and ``skipped`` (bad
-    records counted per kind)."""
+    records counted per kind). The resolved recipe goes to ``output_dir/recipe.yaml`` and the
+    loggers ``train.loggers`` names; ``data.eval_sources`` are validated every
+    ``train.eval_every`` steps."""
     from metamorph_train.data import Mixture
+    from metamorph_train.loggers import build_loggers
     from metamorph_train.trainer import Trainer
 
     t = recipe.train
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    # before the model is built: an unknown logger or a missing extra fails at once
+    loggers = build_loggers(t.loggers) if rank == 0 else []
     if t.meta_init and t.strategy == "fsdp" and rank > 0:  # rank 0 alone holds the weights
         with torch.device("meta"):
             objective = build_objective(recipe)
@@ -40,10 +48,28 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dic
     mixture = Mixture(
         {name: d for name, (d, _) in datasets.items()}, weights, seed=recipe.data.seed
     )
-    trainer = Trainer(objective, mixture, recipe.train, log=log)
+    trainer = Trainer(
+        objective,
+        mixture,
+        recipe.train,
+        log=log,
+        eval_data=_eval_datasets(recipe, objective) if t.eval_every else None,
+        run_config=recipe.to_dict(),
+        loggers=loggers,
+        num_workers=recipe.data.num_workers,
+        prefetch=recipe.data.prefetch,
+    )
     summary = trainer.run()
     final = Path(recipe.train.output_dir) / "final"
-    if trainer.strategy == "fsdp":
+    newest = latest_checkpoint(trainer.out) if checkpointing.is_sharded(trainer) else None
+    if newest is not None:
+        # FSDP2 with sharded checkpoints (the last step's is the newest): nothing is gathered;
+        # rank 0 builds the model once and reads the trained weights from the shards into it
+        if trainer.rank == 0:
+            whole = build_objective(recipe)
+            checkpointing.load_trained_weights(newest, whole)
+            whole.save(final)
+    elif trainer.strategy == "fsdp":
         # every rank takes part in gathering the shards; rank 0 loads them into a new,
         # unsharded copy of the model and saves that
         state = distributed.full_state_dict(trainer.model)
@@ -77,7 +103,23 @@ def _datasets(recipe: Recipe, objective: Any) -> dict[str, tuple[Any, float]]:
             recipe.data.on_error,
             cache,
             streaming=s.streaming,
+            format=s.format,
             seed=recipe.data.seed * 7919 + i,
         )
         out[name] = (dataset, s.weight)
     return out
+
+
+def _eval_datasets(recipe: Recipe, objective: Any) -> dict[str, Any]:
+    """The held-out sources (``data.eval_sources``), read as the training sources are (the
+    feature cache included); unnamed ones are called ``eval0``, ``eval1``, ..."""
+    named = [
+        dataclasses.replace(s, name=s.name or f"eval{i}")
+        for i, s in enumerate(recipe.data.eval_sources)
+    ]
+    if not named:
+        return {}
+    held = dataclasses.replace(
+        recipe, data=dataclasses.replace(recipe.data, sources=named, eval_sources=[])
+    )
+    return {name: dataset for name, (dataset, _) in _datasets(held, objective).items()}

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,17 +24,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from metamorph_train import distributed
+from metamorph_train import checkpointing, distributed, tracking
+from metamorph_train.data.loader import Loader
 from metamorph_train.data.mixture import Mixture
 from metamorph_train.objectives.base import Objective
-from metamorph_train.train_state import (
-    latest_checkpoint,
-    load_train_state,
-    optimizer_state,
-    save_train_state,
-    set_rng_state,
-)
-from metamorph_train.trainer_config import TrainerConfig
+from metamorph_train.trainer_config import TRACKING_FIELDS, TrainerConfig
 
 
 class Trainer:
@@ -49,7 +41,20 @@ class Trainer:
         data: Mixture,
         config: TrainerConfig,
         log: Callable[[str], None] | None = print,
+        *,
+        eval_data: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        loggers: list[Any] | None = None,
+        num_workers: int = 0,
+        prefetch: int = 2,
     ) -> None:
+        """``num_workers``: data-loader worker processes per rank that read and preprocess
+        the items (0: this process), ``prefetch`` micro-batches ahead each
+        (:mod:`metamorph_train.data.loader`; the data does not depend on either). ``eval_data``: held-out name -> map-style dataset, scored every
+        ``config.eval_every`` steps (:mod:`metamorph_train.validation`). ``run_config``: the
+        resolved recipe, written to ``output_dir/recipe.yaml`` and logged. ``loggers``:
+        :class:`~metamorph_train.loggers.Logger` objects (default: built from
+        ``config.loggers`` on rank 0)."""
         if config.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(
                 f"unknown schedule '{config.schedule}'; use cosine, linear or constant"
@@ -68,7 +73,6 @@ class Trainer:
         for name, param in model.named_parameters():  # exactly the selected ones get gradients
             param.requires_grad_(name in names)
         self.out = Path(config.output_dir)
-        self.skipped = 0
         # Under torchrun every rank draws the same global batch and keeps its share, so a run
         # on N processes matches one process with N times the per-rank batch.
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -102,6 +106,16 @@ class Trainer:
             distributed.materialise_from_rank0(model, whole, device)
         # after sharding: FSDP2 replaces parameters with sharded ones of the same names
         self.params = {n: p for n, p in model.named_parameters() if n in names}
+        # this rank's share of each global micro-batch, read by worker processes; its state
+        # (the mixture's position and generator) is the checkpoint's data position
+        self.loader = Loader(
+            data, objective, config.batch_size, self.rank, self.world, num_workers, prefetch
+        )
+        self._skippable = any(
+            getattr(d, "on_error", "raise") == "skip" for d in data.datasets.values()
+        )
+        self.run_config, self.loggers = run_config, loggers
+        self.validator = tracking.validator(self, eval_data)
 
     def _run_signature(self) -> dict[str, Any]:
         c = dataclasses.asdict(self.config)
@@ -113,6 +127,7 @@ class Trainer:
             "steps",
             "progress",
             "meta_init",
+            *TRACKING_FIELDS,
         ):
             c.pop(k)
         signature = self.objective.signature()
@@ -135,52 +150,38 @@ class Trainer:
         )
         return make(optimizer, warmup, self.config.steps)
 
+    @property
+    def skipped(self) -> int:
+        """Records and items skipped so far (bad input with ``on_error: skip``)."""
+        return self.loader.skipped
+
     def _batch(self, step: int, micro: int) -> dict[str, Any]:
-        items = []
-        while len(items) < self.config.batch_size * self.world:
-            _, item = self.data.next()
-            if item is None:  # a record the dataset skipped and counted
-                self.skipped += 1
-                continue
-            # random choices come from the mixture's generator: identical on every rank and
-            # saved with the data position
-            items.append(self.objective.prepare_item(item, self.data.gen))
-        share = items[self.rank :: self.world]
+        share = self.loader.next()
+        while self._skippable and self._any_rank_empty(share):
+            # every item of some rank's share failed to read and was skipped: all ranks draw
+            # the next micro-batch instead (so they stay at the same position)
+            share = self.loader.next()
         seed = ((self.config.seed * 1_000_003 + step) * 1009 + micro) * 4099 + self.rank
         return self.objective.batch(share, seed % (2**63))
 
     def run(self, resume: bool = True) -> dict[str, Any]:
         """Train to ``config.steps`` (continuing from the newest checkpoint when ``resume``);
-        returns a summary. Checkpoints land in ``output_dir/step-NNNNNNN``; metrics in
-        ``output_dir/metrics.jsonl``."""
+        returns a summary. Checkpoints land in ``output_dir/step-NNNNNNN``; metrics go to the
+        loggers (default ``output_dir/metrics.jsonl``), the run's recipe and information to
+        ``recipe.yaml`` / ``run_info.json``, validation to ``output_dir/eval/step-NNNNNNN``."""
         c = self.config
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".step-*.tmp-*"):  # a save cut short by a kill
-            shutil.rmtree(stale)
         optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=c.lr, weight_decay=c.weight_decay
         )
         scheduler = self._schedule(optimizer)
-        start = 0
-        latest = latest_checkpoint(self.out) if resume else None
-        if latest is not None:
-            state = load_train_state(latest, self._run_signature())
-            missing = set(self.params) - set(state["weights"])
-            if missing:
-                raise ValueError(f"checkpoint '{latest}' lacks weights {sorted(missing)[:5]}")
-            distributed.load_weights(self.model, state["weights"], self.strategy)
-            optim = optimizer_state(state["optimizer_tensors"], state["optimizer"])
-            distributed.load_optimizer_state(self.model, optimizer, optim, self.strategy)
-            scheduler.load_state_dict(state["scheduler"])
-            self.data.load_state_dict(state["data"])
-            set_rng_state(state["rng_tensors"], state["rng"])
-            start = state["step"]
-            if self.log:
-                self.log(f"resumed from {latest} at step {start}")
+        # saves cut short removed; the newest checkpoint (either layout) loaded when resuming
+        start = checkpointing.begin(self, optimizer, scheduler, resume)
         self.model.train()
-        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115
+        track = tracking.start(self, start)  # rank 0's loggers (metrics.jsonl, ...); else none
+        finished = False
         bar = None
         if c.progress and self.rank == 0 and self.log is not None:
             from tqdm.auto import tqdm
@@ -196,35 +197,23 @@ class Trainer:
                         {t: f"{last[f'{t}_loss']:.3f}" for t in self.objective.terms},
                         refresh=False,
                     )
-                if metrics is not None and (step % c.log_every == 0 or step == c.steps):
-                    metrics.write(json.dumps(last) + "\n")
-                    metrics.flush()
+                # printed above the bar, not through it
+                emit = bar.write if bar is not None and self.log is print else self.log
+                if self.rank == 0 and (step % c.log_every == 0 or step == c.steps):
+                    track.log_metrics(step, {k: v for k, v in last.items() if k != "step"})
                     if self.log:
-                        # printed above the bar, not through it
-                        emit = bar.write if bar is not None and self.log is print else self.log
                         emit(self._describe(last))
+                if self.validator is not None and self.validator.due(step):
+                    report = self.validator.run(step, self, track)
+                    if report is not None and self.log:
+                        emit(report)
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
-                    # full tensors (a collective under FSDP); rank 0 writes them
-                    weights = distributed.full_weights(
-                        self.model, sorted(self.params), self.strategy
-                    )
-                    optim = distributed.full_optimizer_state(self.model, optimizer, self.strategy)
-                    if self.rank == 0:
-                        save_train_state(
-                            self.out,
-                            step,
-                            weights,
-                            optim,
-                            scheduler,
-                            self.data.state_dict(),
-                            self._run_signature(),
-                            c.keep_last,
-                        )
-                    if self.world > 1:
-                        dist.barrier()
+                    # every rank takes part (sharded under FSDP2, else rank 0 writes one file)
+                    checkpointing.save(self, step, optimizer, scheduler)
+            finished = True
         finally:
-            if metrics is not None:
-                metrics.close()
+            track.finish(success=finished)
+            self.loader.close()
             if bar is not None:
                 bar.close()
         return {"steps": c.steps, "skipped_items": self.skipped, **last}
@@ -282,6 +271,11 @@ class Trainer:
             f"step {m['step']}/{self.config.steps}  {losses}  lr {m['lr']:.2e}  "
             f"{m[f'{unit}_per_s']:.0f} {unit}/s"
         )
+
+    def _any_rank_empty(self, share: list[Any]) -> bool:
+        empty = torch.tensor([0.0 if share else 1.0], dtype=torch.float64)
+        self._all_reduce(empty)
+        return bool(empty.item() > 0)
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         distributed.all_reduce_sum(tensor)

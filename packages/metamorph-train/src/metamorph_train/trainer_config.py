@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,3 +30,28 @@ class TrainerConfig:
     # once per rank on a host
     meta_init: bool = False
     progress: bool = True  # a progress bar on rank 0 (when logging)
+    # checkpoints under FSDP2: sharded (every rank writes and reads its own shards, resumable
+    # on another number of ranks; `metamorph export` makes a model of one) or full (weights and
+    # optimizer gathered onto rank 0, one file); DDP and one process always write one file. How
+    # a checkpoint is stored: a run may resume with the other value (train_state.STORAGE_KEYS)
+    fsdp_checkpoint: str = "sharded"
+    # -- experiment tracking and validation (metamorph_train.loggers, .validation); none of
+    # these changes what is trained, so a run may resume with other values (TRACKING_FIELDS)
+    # loggers by registry name, or {name: NAME, kwargs: {...}}: jsonl, tensorboard, wandb, mlflow
+    loggers: list[Any] = field(default_factory=lambda: ["jsonl"])
+    eval_every: int = 0  # validate every N steps (0: off)
+    eval_batches: int = 10  # at most N batches per held-out source (0: all of it)
+    eval_prompts: list[str] | str | None = None  # prompts to answer (and draw), or a file
+    eval_generation: dict[str, Any] | None = None  # generation options (max_new_tokens, ...)
+    eval_budget_s: float = 60.0  # stop validating after this many seconds (0: no limit)
+
+
+#: TrainerConfig fields that a resumed run may change (they leave the training untouched)
+TRACKING_FIELDS = (
+    "loggers",
+    "eval_every",
+    "eval_batches",
+    "eval_prompts",
+    "eval_generation",
+    "eval_budget_s",
+)
