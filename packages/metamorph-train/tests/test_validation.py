@@ -203,6 +203,15 @@ def test_the_time_budget_stops_validation_and_a_run_may_resume_with_it_on(projec
     )
 
 
+def test_held_out_batches_carry_no_training_noise(tmp_path):
+    backbone = save_tiny_backbone(tmp_path / "llama", "llama", seed=1)
+    model = MetaMorphModel.from_config(tiny_model_config(backbone))
+    objective = VPiTObjective(model, visual_input_noise=1.0)
+    items = [samples.generation(1)]
+    assert "input_noise" in objective.batch(items, 0)
+    assert "input_noise" not in objective.eval_batch(items, 0)
+
+
 def test_validation_settings_are_checked(project, tmp_path):
     recipe = project / "recipe.yaml"
     with pytest.raises(ValueError, match="nothing to validate: give data.eval_sources"):

@@ -281,6 +281,10 @@ class FeatureCache:
         self.index = json.loads((self.path / INDEX).read_text())
         self._open: dict[str, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the open shard files stay behind (a loader worker opens its own)
+        return {**self.__dict__, "_open": {}}
+
     def __contains__(self, image: str) -> bool:
         return image in self.index
 

@@ -223,7 +223,7 @@ class Validator:
                 if not share:  # a short last batch: this rank still runs a forward
                     share, weight = items[:1], 0.0
                 seed = ((c.seed * 1_000_003 + 7_777_777 + b) * 4099 + rank) % (2**63)
-                batch = obj.batch(share, seed)
+                batch = obj.eval_batch(share, seed)
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=c.bf16):
                     parts = obj.loss_sums(call, batch)
                 sums += weight * torch.tensor([p.item() for p in parts], dtype=torch.float64)

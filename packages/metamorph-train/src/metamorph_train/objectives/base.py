@@ -93,6 +93,11 @@ class Objective:
         the (step, micro-batch, rank), for objectives that draw noise."""
         raise NotImplementedError
 
+    def eval_batch(self, items: list[Any], seed: int) -> dict[str, Any]:
+        """:meth:`batch` for validation: without training-only perturbations (default: the
+        same)."""
+        return self.batch(items, seed)
+
     def counts(self, batch: dict[str, Any]) -> list[float]:
         raise NotImplementedError
 

@@ -223,6 +223,11 @@ class VPiTObjective(Objective):
             out["input_noise"] = (self.visual_input_noise, seed)
         return out
 
+    def eval_batch(self, items: list[Any], seed: int) -> dict[str, Any]:
+        out = self.batch(items, seed)
+        out.pop("input_noise", None)  # validation measures the model, not the regulariser
+        return out
+
     def counts(self, batch: dict[str, Any]) -> list[float]:
         return [
             float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
