@@ -125,6 +125,26 @@ def test_decode_takes_a_config_and_delegates_to_the_sampler(sd_dirs):
     assert torch.equal(a, dec.decode(tokens[:2], steps=2, guidance_scale=3.0, generator=g))
 
 
+def test_a_progress_bar_counts_the_denoising_steps_and_changes_no_pixel(sd_dirs, monkeypatch):
+    import tqdm.auto
+
+    dec = decoder(sd_dirs / "pixel").eval()
+    tokens, _ = data()
+    quiet = dec.decode(tokens[:1], steps=3, seed=0)
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    dec.set_progress_bar(True)
+    shown = dec.decode(tokens[:1], steps=3, seed=0)
+    assert [(b.total, b.n, b.desc) for b in bars] == [(3, 3, "decoding")]
+    assert torch.equal(quiet, shown)
+
+
 def test_dropped_conditioning_is_exactly_the_unconditional_branch(sd_dirs):
     for null in ("zeros", "learned"):
         dec = decoder(sd_dirs / "pixel", cond_dropout=1.0, null_conditioning=null)

@@ -144,3 +144,7 @@ class VisualDecoder(Component, ABC):
         """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``, sampled as ``config``
         says (``None``: the decoder's own default sampling; ``options``: fields as keywords,
         which override it); see :class:`~metamorph_core.decoding.DecodeConfig`."""
+
+    def set_progress_bar(self, enabled: bool = True) -> None:  # noqa: B027 (optional)
+        """Show (or stop showing) a progress bar with ETA while :meth:`decode` runs, on a
+        terminal; decoders that sample in many steps implement it, others ignore it."""

@@ -64,13 +64,14 @@ class DiffusionSampler:
         config: DecodeConfig | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pt",
+        progress: bool = False,
     ) -> Any:
         """Images for ``tokens`` ``(b, n, c)``: ``output_type`` ``"pt"`` gives a float32
         ``(b, 3, h, w)`` tensor in [0, 1] (h, w: the decoder's ``image_size``), ``"pil"`` a list
         of ``b`` RGB PIL images. ``config`` (default :class:`DecodeConfig`'s defaults) names the
         scheduler, the steps, the guidance scale and the seed; ``generator``, when given, draws
         the noise instead of ``config.seed``. The same tokens, config and seed give the same
-        pixels."""
+        pixels. ``progress``: a bar with ETA over the denoising steps (on a terminal)."""
         config = config if config is not None else DecodeConfig()
         check_output_type(output_type)
         dec = self.decoder
@@ -98,7 +99,7 @@ class DiffusionSampler:
             if "generator" in inspect.signature(sched.step).parameters
             else {}
         )
-        for t in sched.timesteps:
+        for t in _steps(sched.timesteps, progress):
             inp = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
             inp = dec.unet_input(inp.to(unet.dtype), spatial)
             pred = unet(inp, t, encoder_hidden_states=ctx).sample.float()
@@ -108,6 +109,15 @@ class DiffusionSampler:
             x = sched.step(pred, t, x, **step_kw).prev_sample
         images = dec.to_pixels(x)
         return to_pil(images) if output_type == "pil" else images
+
+
+def _steps(timesteps: Any, progress: bool) -> Any:
+    if not progress:
+        return timesteps
+    from tqdm.auto import tqdm
+
+    # disable=None: quiet when stderr is not a terminal
+    return tqdm(timesteps, desc="decoding", unit="step", disable=None, leave=False)
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:

@@ -136,6 +136,7 @@ class DiffusionDecoder(VisualDecoder):
         cast to. Bad settings are ``ValueError``s naming them (see
         :class:`~metamorph_decoders.settings.DecoderSettings`)."""
         super().__init__()
+        self._progress_bar = False  # set_progress_bar
         if (pretrained is None) == (unet_config is None):
             raise ValueError(
                 "decoder 'sd-unet' needs exactly one of pretrained= (a Stable-Diffusion-layout "
@@ -374,7 +375,12 @@ class DiffusionDecoder(VisualDecoder):
         else:
             config = DecodeConfig.of(config, **options)
         check_output_type(output_type)
-        return DiffusionSampler(self).sample(tokens, config, generator, output_type)
+        return DiffusionSampler(self).sample(
+            tokens, config, generator, output_type, self._progress_bar
+        )
+
+    def set_progress_bar(self, enabled: bool = True) -> None:
+        self._progress_bar = enabled
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The UNet's sample space ``(b, c, s, s)`` -> float32 images ``(b, 3, h, w)`` in

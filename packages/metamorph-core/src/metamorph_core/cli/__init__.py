@@ -35,6 +35,8 @@ _PROVIDED_BY = {
     "train": "metamorph-train",
     "cache-features": "metamorph-train",
     "convert-research": "metamorph-train",
+    "export": "metamorph-train",
+    "data": "metamorph-train",
     "demo": "metamorph-toy",
     "eval": "metamorph-eval",
 }

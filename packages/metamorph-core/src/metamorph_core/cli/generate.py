@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     decoding = {k: v for k, v in given.items() if v is not None}  # over the decoder's own
     model = MetaMorphModel.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
     decode = model.decoder is not None and not args.no_decode
+    if decode:
+        model.decoder.set_progress_bar(True)  # a bar with ETA on a terminal
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
