@@ -131,6 +131,7 @@ def worker(args: argparse.Namespace) -> int:
         out=Path(args.dir),
         config=SimpleNamespace(fsdp_checkpoint=args.worker, keep_last=1),
         data=_NoData(),
+        loader=_NoData(),
         log=None,
         _run_signature=lambda: {"benchmark": "checkpoint"},
     )

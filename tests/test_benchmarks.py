@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("decoder", "generation", "startup", "training", "gpu-smoke")
+SUITES = (
+    "decoder",
+    "generation",
+    "startup",
+    "training",
+    "eval",
+    "loader",
+    "checkpoint",
+    "gpu-smoke",
+)
 
 
 def test_every_benchmark_runs_on_tiny_shapes(tmp_path):

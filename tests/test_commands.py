@@ -13,7 +13,7 @@ from metamorph_core.plugins.registry import Registry
 
 OWN_COMMANDS = {
     "metamorph-core": {"plugins", "generate", "merge-lora"},
-    "metamorph-train": {"train", "cache-features", "convert-research"},
+    "metamorph-train": {"train", "cache-features", "convert-research", "export", "data"},
     "metamorph-toy": {"demo"},
     "metamorph-eval": {"eval"},
     "metamorph-encoders": set(),

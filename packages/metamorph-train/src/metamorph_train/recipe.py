@@ -91,6 +91,11 @@ class DataConfig:
     eval_sources: list[Source] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                "recipe keys 'data.num_workers' (>= 0; 0: read in the training process) and "
+                f"'data.prefetch' (>= 1) got {self.num_workers} and {self.prefetch}"
+            )
         typed = [
             s if isinstance(s, Source) else _typed(Source, s, f"data.eval_sources[{i}]")
             for i, s in enumerate(self.eval_sources or [])

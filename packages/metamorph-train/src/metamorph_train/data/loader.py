@@ -159,10 +159,13 @@ class Loader:
     ) -> None:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        if num_workers < 0 or prefetch < 1:
+        if num_workers < 0:
             raise ValueError(
-                f"data.num_workers must be >= 0 (got {num_workers}) and data.prefetch >= 1 "
-                f"(got {prefetch})"
+                f"data.num_workers must be >= 0 (0: read in this process), got {num_workers}"
+            )
+        if prefetch < 1:
+            raise ValueError(
+                f"data.prefetch must be >= 1 (micro-batches per worker), got {prefetch}"
             )
         self.mixture, self.num_workers = mixture, num_workers
         self.plan = Plan(mixture, objective.prepare_item, per_rank, rank, world)
