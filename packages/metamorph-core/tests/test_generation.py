@@ -249,6 +249,30 @@ def test_stop_strings_and_token_budget(model):
     assert r.finish_reason == "length" and r.text.startswith(ANSWER + "<image>")
 
 
+def test_per_prompt_budgets_and_stopping_one_sample_leave_the_others_unchanged(model):
+    """What a server batching requests needs: one token budget per prompt, and a sample
+    stopped mid-way (a client gone) while the others finish exactly as alone."""
+    from metamorph_core.generation import stream_encoded
+
+    config = GenerationConfig(max_new_tokens=40)
+    encoded = encode_prompts(model, to_conversations([BLUE, RED, "two plus three"]), "", config)
+    alone = [model.generate(BLUE, max_new_tokens=3)[0], model.generate(RED, max_new_tokens=40)[0]]
+    steps = {"n": 0}
+
+    def stop(i):  # sample 2 is stopped before its fifth step
+        steps["n"] += i == 2
+        return i == 2 and steps["n"] > 4
+
+    events = list(
+        stream_encoded(model, encoded, config, max_new_tokens=[3, 40, 40], should_stop=stop)
+    )
+    done = {e.sample: e.result for e in events if isinstance(e, DoneEvent)}
+    same([done[0], done[1]], alone)
+    assert done[2].finish_reason == "cancelled" and len(done[2].token_ids) == 4
+    with pytest.raises(ValueError, match="one integer >= 1 per prompt"):
+        stream_encoded(model, encoded, config, max_new_tokens=[3, 40])
+
+
 def test_incremental_text_holds_back_partial_characters_and_stops():
     tok = build_tiny_tokenizer()
     text = "a red é square 😀 on the left"

@@ -6,7 +6,7 @@ whole sequence recomputed), then each sample takes a visual token, the forced
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,13 +119,27 @@ def stream_encoded(
     prompts: Sequence[EncodedPrompt],
     config: GenerationConfig,
     force_image: bool = False,
+    *,
+    max_new_tokens: Sequence[int] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> Iterator[GenerationEvent]:
     """The generation loop on encoded prompts (from :func:`encode_prompts`, or built by hand
     from token ids as :class:`EncodedSample`). ``force_image``: every prompt ends with
-    ``<image_start>`` and each sample stops after its image. Bad input raises here, before
-    the first event."""
+    ``<image_start>`` and each sample stops after its image. ``max_new_tokens``: one limit
+    per prompt instead of ``config.max_new_tokens`` (a server batching requests).
+    ``should_stop(i)``, asked for every unfinished sample before each step, ends sample ``i``
+    there with finish reason ``"cancelled"`` (a client gone, a deadline passed); the others go
+    on. Bad input raises here, before the first event."""
     if not prompts:
         raise ValueError("generation needs at least one prompt")
+    if max_new_tokens is not None and (
+        len(max_new_tokens) != len(prompts)
+        or not all(isinstance(m, int) and m >= 1 for m in max_new_tokens)
+    ):
+        raise ValueError(
+            f"max_new_tokens must hold one integer >= 1 per prompt ({len(prompts)}), got "
+            f"{list(max_new_tokens)!r}"
+        )
     if config.decode_images:
         model.require_decoder()
     if config.visual_guidance_scale != 1.0 and any(p.unconditional is None for p in prompts):
@@ -135,7 +149,10 @@ def stream_encoded(
             "encode the prompts with encode_prompts(..., config) under the same config"
         )
     with torch.no_grad():
-        return _Loop(model, prompts, config, force_image).run()
+        loop = _Loop(model, prompts, config, force_image)
+        loop.limits = list(max_new_tokens or [config.max_new_tokens] * len(prompts))
+        loop.should_stop = should_stop
+        return loop.run()
 
 
 class _Loop:
@@ -174,6 +191,8 @@ class _Loop:
         rows += [p.unconditional for p in prompts if p.unconditional is not None and self.guided]
         embeds, mask = embed_prompts(model, rows)
         self.rows = _Rows(backbone, embeds, mask, config.use_cache)
+        self.limits = [config.max_new_tokens] * self.b  # per sample
+        self.should_stop: Callable[[int], bool] | None = None
 
     @torch.no_grad()
     def run(self) -> Iterator[GenerationEvent]:
@@ -186,6 +205,12 @@ class _Loop:
             events: list[GenerationEvent] = []
             next_ids = [builder.pad_id] * self.b
             live = [i for i, s in enumerate(self.samples) if s.finish_reason is None]
+            if self.should_stop is not None:
+                for i in [i for i in live if self.should_stop(i)]:
+                    s = self.samples[i]
+                    s.finish_reason = "cancelled"
+                    events += [TextEvent(i, s.text.finish()), DoneEvent(i, _result(s))]
+                    live.remove(i)
             visual = [i for i in live if self.samples[i].remaining > 1]
             text = [i for i in live if self.samples[i].remaining == 0]
             proj = None
@@ -202,7 +227,7 @@ class _Loop:
                 events += self._take_text(text, logits, next_ids)
             for i in live:
                 s = self.samples[i]
-                full = s.sampled >= self.config.max_new_tokens or s.length >= self.limit
+                full = s.sampled >= self.limits[i] or s.length >= self.limit
                 if s.finish_reason is None and s.remaining == 0 and full:
                     s.finish_reason = "length"
                 if s.finish_reason is not None:

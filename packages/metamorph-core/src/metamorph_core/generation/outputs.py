@@ -19,8 +19,9 @@ class GenerationResult:
     ids, ``<image_start>``/``<image_end>`` and a final EOS included. ``images``: per generated
     image its ``(n, c)`` float32 L2-normalised visual tokens. ``pil_images``: their decoded
     pictures when ``decode_images`` was set. ``finish_reason``: ``"stop"`` (EOS, end of turn or
-    stop string), ``"length"`` (``max_new_tokens`` or the context is full) or ``"image"``
-    (:func:`generate_image` stops after its image).
+    stop string), ``"length"`` (``max_new_tokens`` or the context is full), ``"image"``
+    (:func:`generate_image` stops after its image) or ``"cancelled"`` (``should_stop`` of
+    :func:`~metamorph_core.generation.stream_encoded` said so).
     """
 
     text: str
