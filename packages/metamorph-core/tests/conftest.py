@@ -2,6 +2,6 @@
 
 import transformers
 
-from metamorph_core.testing.fixtures import backbone_dirs, make_model  # noqa: F401
+from metamorph_core.testing.fixtures import backbone_dirs, hub_cache, make_model  # noqa: F401
 
 transformers.utils.logging.disable_progress_bar()

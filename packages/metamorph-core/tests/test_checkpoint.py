@@ -28,6 +28,7 @@ def test_round_trip_is_exact(make_model, tmp_path, family):
     model = _trained_a_little(make_model(family))
     path = model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in path.iterdir()) == [
+        "README.md",
         "backbone",
         "config.json",
         "model.safetensors",
@@ -86,7 +87,10 @@ def test_missing_backbone_weights_or_subfolder(make_model, tmp_path):
     shutil.rmtree(path / "backbone")
     with pytest.raises(CheckpointError, match="the backbone subfolder 'backbone/' is missing"):
         MetaMorphModel.from_pretrained(path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a MetaMorph checkpoint: no config.json"):
+        MetaMorphModel.from_pretrained(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="there is no local directory .*nothing-here"):
         MetaMorphModel.from_pretrained(tmp_path / "nothing-here")
 
 

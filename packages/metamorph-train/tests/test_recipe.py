@@ -300,3 +300,33 @@ def test_two_nodes_meet_through_torchrun_rendezvous(project):
         assert agent.returncode == 0, err[-3000:]
     assert sum('"summary"' in out for out, _ in outputs) == 2  # both nodes trained
     _matches_one_process(project, args, project / "nodes")
+
+
+def test_the_trained_model_card_describes_the_run(project):
+    """`output_dir/final` and `metamorph export` write a model card with the recipe's training
+    settings, its data sources and the last validation's losses."""
+    from metamorph_train.export import export_checkpoint
+    from metamorph_train.runner import run_recipe
+
+    held = {"path": str(project / "train.jsonl"), "image_root": str(project / "images")}
+    recipe = load_recipe(
+        project / "recipe.yaml",
+        ["train.steps=4", "train.eval_every=2", f"data.eval_sources=[{json.dumps(held)}]"],
+    )
+    run_recipe(recipe, log=None)
+    final = project / "run" / "final"
+    card = (final / "README.md").read_text()
+    assert f"- `{project / 'train.jsonl'}` (format jsonl, weight 1.0)" in card
+    assert "| steps | 4 |" in card and "| objective.policy | full |" in card
+    assert "| lr | 0.003 |" in card and "| batch_size | 6 |" in card
+    assert "| validation.eval0/text_loss |" in card and "| validation.step | 4 |" in card
+    model = MetaMorphModel.from_pretrained(final)
+    assert model.card_data.training["objective"] == {
+        "name": "vpit",
+        "policy": "full",
+        "prompt_dropout": 0.0,
+        "visual_input_noise": 0.0,
+    }
+    exported = project / "exported"
+    export_checkpoint(project / "run", exported)
+    assert (exported / "README.md").read_text() == card

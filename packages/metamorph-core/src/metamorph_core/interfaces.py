@@ -20,6 +20,10 @@ from metamorph_core.decoding import DecodeConfig
 #: In the reload kwargs a component returns from ``save_pretrained``, this value stands for the
 #: subfolder it was saved in. Without it, the loader passes ``pretrained=<subfolder>``.
 SUBFOLDER = "<subfolder>"
+#: In those kwargs, a string that starts with ``"<checkpoint>/"`` is a path relative to the
+#: checkpoint directory (a LoRA backbone's local base model): moving the checkpoint together
+#: with what it refers to keeps it loadable.
+CHECKPOINT_DIR = "<checkpoint>"
 
 
 class Component(nn.Module):
@@ -28,7 +32,12 @@ class Component(nn.Module):
     A component that is too large or too standard to live in ``model.safetensors`` (an LLM, a
     pretrained vision tower) overrides :meth:`save_pretrained` to write itself into a subfolder
     of the checkpoint and returns the keyword arguments that reload it from there.
+
+    ``license`` (optional): the license of the weights the component was built from (an SPDX id
+    or Hub license name), when the component knows it; the model card reports it.
     """
+
+    license: str | None = None
 
     def save_pretrained(self, directory: Path) -> dict[str, Any] | None:
         """Write into ``directory`` and return reload kwargs, or ``None`` (weights go to
@@ -144,6 +153,12 @@ class VisualDecoder(Component, ABC):
         """``(b, n, c)`` tokens -> ``(b, 3, h, w)`` images in ``[0, 1]``, sampled as ``config``
         says (``None``: the decoder's own default sampling; ``options``: fields as keywords,
         which override it); see :class:`~metamorph_core.decoding.DecodeConfig`."""
+
+    def check_decoding(self, config: DecodeConfig) -> None:  # noqa: B027 (optional)
+        """Raise ``ValueError`` naming the field when :meth:`decode` could not sample as
+        ``config`` says (an unknown scheduler, one that does not fit the decoder's training):
+        a server checks a request with it before generating. Decoders with choices beyond
+        :class:`~metamorph_core.decoding.DecodeConfig`'s own checks implement it."""
 
     def set_progress_bar(self, enabled: bool = True) -> None:  # noqa: B027 (optional)
         """Show (or stop showing) a progress bar with ETA while :meth:`decode` runs, on a

@@ -34,6 +34,7 @@ from metamorph_core.interfaces import (
     VisualDecoder,
     VisualLoss,
 )
+from metamorph_core.model_card import ModelCardData
 from metamorph_core.plugins.registry import create
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate, pack
 from metamorph_core.vision import perturb_tokens
@@ -89,6 +90,9 @@ class MetaMorphModel(nn.Module):
         self.config = config
         self._check_shapes()
         self.decoder: VisualDecoder | None = None
+        #: what the model card says beyond the model (training, data, metrics, license); saved
+        #: in config.json and README.md, and loaded back (:mod:`metamorph_core.model_card`)
+        self.card_data = ModelCardData()
         # The model's setting wins over the encoder's own default (its train() honours it).
         self.encoder.frozen = config.freeze_encoder
         self.encoder.requires_grad_(not config.freeze_encoder)
@@ -509,17 +513,65 @@ class MetaMorphModel(nn.Module):
         return torch.where(is_target[:, None, None], noisy.to(tokens.dtype), tokens)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(
+        self, path: str | Path, *, card_data: ModelCardData | dict[str, Any] | None = None
+    ) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ a subfolder per component that
-        saves itself, e.g. ``backbone/`` in transformers format), atomically
-        (:mod:`metamorph_core.saving`)."""
-        return saving.save_model(self, path)
+        saves itself, e.g. ``backbone/`` in transformers format) + ``README.md`` (the model
+        card), atomically (:mod:`metamorph_core.saving`). ``card_data``
+        (:class:`~metamorph_core.model_card.ModelCardData` or a dict of its fields) replaces
+        :attr:`card_data` for this save."""
+        return saving.save_model(self, path, card_data)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MetaMorphModel:
-        """Load a directory written by :meth:`save_pretrained`. ``dtype`` overrides the
-        backbone's recorded dtype."""
-        return saving.load_model(cls, path, dtype)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> MetaMorphModel:
+        """Load a directory written by :meth:`save_pretrained`, or a Hugging Face Hub repo id
+        (``"org/name"``) holding one; an existing local path wins. Hub ids are fetched with
+        ``huggingface_hub.snapshot_download`` (the ``hub`` extra) at ``revision`` into
+        ``cache_dir``; with ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` only the cache is
+        read. ``dtype`` overrides the backbone's recorded dtype."""
+        return saving.load_model(
+            cls,
+            path,
+            dtype,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        card_data: ModelCardData | dict[str, Any] | None = None,
+    ) -> Any:
+        """Save as :meth:`save_pretrained` does and upload the checkpoint to the Hub model repo
+        ``repo_id`` (created if missing; branch ``revision`` created if missing) in one commit;
+        :meth:`from_pretrained` then loads ``repo_id``. Returns ``huggingface_hub``'s
+        ``CommitInfo``. See :func:`metamorph_core.saving.push_model`."""
+        return saving.push_model(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            card_data=card_data,
+        )
 
     def present_kinds(self) -> tuple[str, ...]:
         """The component kinds this model holds (the decoder only when one is attached)."""

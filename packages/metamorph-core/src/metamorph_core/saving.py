@@ -1,16 +1,23 @@
 """Saving and loading unified models: a checkpoint directory holds ``config.json`` (format,
 library version, the :class:`~metamorph_core.config.MetaMorphConfig`, each component's
-registry name and kwargs, the image token ids), ``model.safetensors`` (every component that
-does not save itself) and a subfolder per component that does (``backbone/`` in plain
-transformers format, loadable by transformers alone; ``decoder/`` in the SD layout).
+registry name and kwargs, the image token ids, the model card data), ``model.safetensors``
+(every component that does not save itself), a subfolder per component that does
+(``backbone/`` in plain transformers format, loadable by transformers alone; ``decoder/`` in
+the SD layout) and ``README.md``, the model card (:mod:`metamorph_core.model_card`), which
+loading ignores.
 
 A component that saves itself returns the keyword arguments that reload it from its
-subfolder (:meth:`metamorph_core.interfaces.Component.save_pretrained`). Writes are atomic;
-loading is strict (every weight present, every shape right) and unpickles nothing.
+subfolder (:meth:`metamorph_core.interfaces.Component.save_pretrained`); a path in them may be
+relative to the checkpoint (:data:`~metamorph_core.interfaces.CHECKPOINT_DIR`). Writes are
+atomic; loading is strict (every weight present, every shape right) and unpickles nothing.
+A checkpoint may be named by a Hugging Face Hub repo id (:mod:`metamorph_core.hub`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +37,29 @@ from metamorph_core.checkpoint import (
 from metamorph_core.config import MetaMorphConfig
 from metamorph_core.dtypes import dtype_name, module_dtype, resolve_dtype
 from metamorph_core.errors import CheckpointError
-from metamorph_core.interfaces import SUBFOLDER
+from metamorph_core.hub import resolve_pretrained, upload_checkpoint
+from metamorph_core.interfaces import CHECKPOINT_DIR, SUBFOLDER
+from metamorph_core.model_card import CARD_NAME, ModelCardData, render_model_card
 from metamorph_core.plugins.registry import create
 
 FORMAT = "metamorph"
 FORMAT_VERSION = 1
 KINDS = ("encoder", "projector", "backbone", "head", "decoder")
+logger = logging.getLogger("metamorph")
 
 
-def save_model(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model`` (a :class:`~metamorph_core.model.MetaMorphModel`) into the directory ``path`` (replaced atomically; a directory holding
-    anything but an earlier checkpoint is refused)."""
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    card_data: ModelCardData | dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write ``model`` (a :class:`~metamorph_core.model.MetaMorphModel`) into the directory
+    ``path`` (replaced atomically; a directory holding anything but an earlier checkpoint is
+    refused). ``card_data`` (default: the model's ``card_data``) goes into ``config.json`` and
+    the model card; ``repo_id`` is the name the card's usage example loads."""
     path = Path(path)
+    card = ModelCardData.of(card_data if card_data is not None else model.card_data)
     with atomic_directory(path, FORMAT) as tmp:
         components: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
@@ -63,26 +81,93 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
             {f"visual_loss_fn.{k}": v for k, v in model.visual_loss_fn.state_dict().items()}
         )
         save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
-        write_json(
-            tmp / CONFIG_NAME,
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "library_version": __version__,
-                "model": model.config.to_dict(),
-                "components": components,
-                "image_start_id": model.backbone.image_start_id,
-                "image_end_id": model.backbone.image_end_id,
-                "num_image_tokens": model.num_image_tokens,
-            },
-        )
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "model": model.config.to_dict(),
+            "components": components,
+            "image_start_id": model.backbone.image_start_id,
+            "image_end_id": model.backbone.image_end_id,
+            "num_image_tokens": model.num_image_tokens,
+        }
+        if card.to_dict():
+            meta["card_data"] = card.to_dict()
+        write_json(tmp / CONFIG_NAME, meta)
+        (tmp / CARD_NAME).write_text(render_model_card(model, card, repo_id))
     return path
 
 
-def load_model(cls: type, path: str | Path, dtype: str | None = None) -> Any:
+def push_model(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    card_data: ModelCardData | dict[str, Any] | None = None,
+) -> Any:
+    """Save ``model`` with :func:`save_model` into a temporary directory and upload it to the
+    Hub model repo ``repo_id`` in one commit (:func:`~metamorph_core.hub.upload_checkpoint`);
+    files of an earlier checkpoint there (component subfolders, weights) that this one lacks
+    are deleted in that commit, other files stay. Returns the ``CommitInfo``."""
+    with tempfile.TemporaryDirectory(prefix="metamorph-push-") as tmp:
+        path = save_model(model, Path(tmp) / "checkpoint", card_data, repo_id=repo_id)
+        local = {
+            kind: entry["load_kwargs"]["pretrained"]
+            for kind, entry in read_json(path / CONFIG_NAME)["components"].items()
+            if _is_local_path(entry.get("load_kwargs", {}).get("pretrained"))
+        }
+        for kind, source in local.items():
+            logger.warning(
+                "pushing %s: its %s refers to the local path '%s', which is not uploaded; "
+                "loading from the Hub needs it there (merge LoRA first with model.merge_lora(), "
+                "or build the %s from a Hub id)",
+                repo_id,
+                kind,
+                source,
+                kind,
+            )
+        return upload_checkpoint(
+            path,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            replace_patterns=[f"{kind}/*" for kind in KINDS] + ["*.safetensors"],
+        )
+
+
+def _is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and (
+        value.startswith(CHECKPOINT_DIR) or Path(value).is_absolute()
+    )
+
+
+def load_model(
+    cls: type,
+    path: str | Path,
+    dtype: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> Any:
     """A ``cls`` (:class:`~metamorph_core.model.MetaMorphModel`) from a directory written by
-    :func:`save_model`; ``dtype`` overrides the backbone's recorded dtype."""
-    path = Path(path)
+    :func:`save_model`, or from a Hub repo id holding one (fetched at ``revision`` into
+    ``cache_dir``; see :func:`~metamorph_core.hub.resolve_pretrained`); ``dtype`` overrides the
+    backbone's recorded dtype."""
+    path = resolve_pretrained(
+        path,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        what="checkpoint",
+    )
     meta = read_json(path / CONFIG_NAME)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -113,6 +198,7 @@ def load_model(cls: type, path: str | Path, dtype: str | None = None) -> Any:
                 f"{path}: the tokenizer gives {key}={getattr(model.backbone, key)} but the "
                 f"checkpoint was trained with {meta[key]}; the backbone/ tokenizer was changed"
             )
+    model.card_data = _card_data(path, meta.get("card_data"))
     return model
 
 
@@ -129,6 +215,36 @@ def _load_component(path: Path, kind: str, entry: dict[str, Any], dtype: str | N
             kwargs = {k: str(sub) if v == SUBFOLDER else v for k, v in kwargs.items()}
         else:
             kwargs["pretrained"] = str(sub)
+        kwargs = {k: _in_checkpoint(path, kind, k, v) for k, v in kwargs.items()}
     if dtype is not None and kind == "backbone":
         kwargs["dtype"] = dtype
     return create(kind, entry["name"], **kwargs)
+
+
+def _in_checkpoint(path: Path, kind: str, key: str, value: Any) -> Any:
+    """``value`` with a leading :data:`~metamorph_core.interfaces.CHECKPOINT_DIR` replaced by
+    the checkpoint directory ``path`` (which must then hold what it names)."""
+    prefix = CHECKPOINT_DIR + "/"
+    if not (isinstance(value, str) and value.startswith(prefix)):
+        return value
+    target = (path / value[len(prefix) :]).resolve()
+    if not target.exists():
+        raise CheckpointError(
+            f"{path}: the {kind}'s {key} '{value}' is a path relative to the checkpoint, "
+            f"'{target}', which does not exist; keep it in the same place relative to the "
+            "checkpoint (move both together), or set "
+            f"components.{kind}.load_kwargs.{key} in config.json to its path or Hub id"
+        )
+    return str(target)
+
+
+def _card_data(path: Path, saved: Any) -> ModelCardData:
+    """The saved card data; fields this version does not know (a newer writer's) are dropped
+    with a warning rather than refusing a loadable model."""
+    if not isinstance(saved, dict):
+        return ModelCardData()
+    known = {f.name for f in dataclasses.fields(ModelCardData)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        logger.warning("%s: model card fields %s are not known here; ignored", path, unknown)
+    return ModelCardData.of({k: v for k, v in saved.items() if k in known})

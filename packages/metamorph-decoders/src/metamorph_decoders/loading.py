@@ -1,4 +1,5 @@
-"""Reading Stable-Diffusion-layout directories, and mapping a base UNet's weights onto a UNet
+"""Reading Stable-Diffusion-layout directories (local, or fetched from the Hugging Face Hub by
+repo id), and mapping a base UNet's weights onto a UNet
 built for another cross-attention width.
 
 Only the cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``) read the
@@ -21,8 +22,27 @@ import torch
 from safetensors.torch import load_file
 
 from metamorph_core.errors import CheckpointError
+from metamorph_core.hub import resolve_pretrained
 
 CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
+#: the files of a decoder directory that loading reads: a Hub repo of a whole Stable Diffusion
+#: pipeline (text encoder, safety checker, fp16 / non-EMA / pickled variants) is fetched for
+#: these alone
+DECODER_FILES = (
+    "config.json",
+    "adapter.safetensors",
+    "scheduler/scheduler_config.json",
+    *(
+        f"{part}/{name}"
+        for part in ("unet", "vae")
+        for name in (
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+            "diffusion_pytorch_model-*-of-*.safetensors",
+        )
+    ),
+)
 
 
 @dataclass
@@ -56,6 +76,27 @@ def plan_weight_load(
                 f"{tuple(shape)}; only cross-attention K/V may change width"
             )
     return LoadPlan(sorted(load), sorted(reinit))
+
+
+def resolve_decoder_dir(
+    pretrained: str | Path,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
+    """The local decoder directory of ``pretrained``: a directory, or a Hub repo id whose
+    :data:`DECODER_FILES` (under ``subfolder``, e.g. ``"decoder"`` in a MetaMorph checkpoint's
+    repo) are fetched at ``revision`` (:func:`metamorph_core.hub.resolve_pretrained`)."""
+    return resolve_pretrained(
+        pretrained,
+        subfolder=subfolder,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        allow_patterns=DECODER_FILES,
+        what="decoder 'sd-unet' pretrained",
+    )
 
 
 def subfolder(root: Path, name: str) -> Path:

@@ -25,14 +25,20 @@ def make_scheduler(name: str, config: dict[str, Any], prediction_type: str) -> A
     """A fresh scheduler ``name`` sharing ``config``'s noise schedule and ``prediction_type``."""
     import diffusers
 
+    check_scheduler(name, prediction_type)
+    cls_name, extra, _ = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config({**config, **extra, "prediction_type": prediction_type})
+
+
+def check_scheduler(name: str, prediction_type: str) -> None:
+    """``ValueError`` unless ``name`` is a known scheduler that can sample a model trained for
+    ``prediction_type``."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{name}'; known: {', '.join(SCHEDULERS)}")
-    cls_name, extra, types = SCHEDULERS[name]
-    if prediction_type not in types:
+    if prediction_type not in SCHEDULERS[name][2]:
         fits = [n for n, (_, _, ts) in SCHEDULERS.items() if prediction_type in ts]
         raise ValueError(
             f"scheduler '{name}' cannot sample a model trained for prediction_type "
             f"'{prediction_type}'; use one of {', '.join(fits)}"
         )
-    cls = getattr(diffusers, cls_name)
-    return cls.from_config({**config, **extra, "prediction_type": prediction_type})

@@ -63,9 +63,9 @@ from metamorph_decoders.building import (
     read_noise_schedule,
     read_unet_config,
 )
-from metamorph_decoders.loading import read_saved_config
+from metamorph_decoders.loading import read_saved_config, resolve_decoder_dir
 from metamorph_decoders.sampler import DiffusionSampler, check_output_type
-from metamorph_decoders.schedulers import make_scheduler
+from metamorph_decoders.schedulers import check_scheduler, make_scheduler
 from metamorph_decoders.settings import (
     PREDICTION_TYPES,
     DecoderSettings,
@@ -123,12 +123,19 @@ class DiffusionDecoder(VisualDecoder):
         sampling: DecodeConfig | dict[str, Any] | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
     ) -> None:
         """Settings left as ``None`` come from a pretrained decoder's ``config.json`` when there
         is one, else from the defaults (``mlp`` adapter, 77 context tokens, epsilon, dropout
         0.75, ``zeros`` null); giving a setting that contradicts a saved decoder is an error
         (see :func:`~metamorph_decoders.settings.resolve_settings`). ``pretrained`` (a Stable
-        Diffusion layout directory) or ``unet_config`` (a fresh UNet) is required, not both;
+        Diffusion layout directory, or a Hugging Face Hub repo id holding one, in ``subfolder``
+        when given, fetched at ``revision`` into ``cache_dir``, from the cache alone with
+        ``local_files_only``: see :func:`~metamorph_decoders.loading.resolve_decoder_dir`) or
+        ``unet_config`` (a fresh UNet) is required, not both;
         ``vae_config`` / ``scheduler_config`` build a fresh VAE / noise schedule when there is
         no directory. ``seed`` fixes the fresh weights of the adapter, UNet and spatial map
         (drawn from a forked RNG; a fresh VAE and a widened ``conv_in`` draw from torch's
@@ -140,9 +147,20 @@ class DiffusionDecoder(VisualDecoder):
         if (pretrained is None) == (unet_config is None):
             raise ValueError(
                 "decoder 'sd-unet' needs exactly one of pretrained= (a Stable-Diffusion-layout "
-                "directory with unet/, scheduler/ and, for latent mode, vae/) or unet_config="
+                "directory with unet/, scheduler/ and, for latent mode, vae/, or a Hub repo id "
+                "of one) or unet_config="
             )
-        root = Path(pretrained) if pretrained is not None else None
+        where = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir}
+        where["local_files_only"] = local_files_only
+        if pretrained is None and any(v is not None for v in where.values()):
+            given = sorted(k for k, v in where.items() if v is not None)
+            raise ValueError(
+                f"decoder 'sd-unet': {given} say where pretrained= is read from, but there is "
+                "no pretrained=; drop them or give pretrained="
+            )
+        root = None
+        if pretrained is not None:
+            root = resolve_decoder_dir(pretrained, subfolder, revision, cache_dir, local_files_only)
         saved = read_saved_config(root) if root is not None else {}
         if root is not None and scheduler_config is not None:
             raise ValueError(
@@ -378,6 +396,11 @@ class DiffusionDecoder(VisualDecoder):
         return DiffusionSampler(self).sample(
             tokens, config, generator, output_type, self._progress_bar
         )
+
+    def check_decoding(self, config: DecodeConfig) -> None:
+        """``ValueError`` when ``config.scheduler`` is unknown or cannot sample this decoder's
+        ``prediction_type``."""
+        check_scheduler(config.scheduler, self.prediction_type)
 
     def set_progress_bar(self, enabled: bool = True) -> None:
         self._progress_bar = enabled

@@ -1,6 +1,7 @@
 """``metamorph export CKPT OUT [--recipe RECIPE] [key.path=value ...]``: the trained model of a
 trainer checkpoint in the format users load (the objective's ``save``; for ``vpit`` a MetaMorph
-checkpoint that ``MetaMorphModel.from_pretrained`` reads).
+checkpoint that ``MetaMorphModel.from_pretrained`` reads, its model card describing the run up
+to that step: :mod:`metamorph_train.model_card`).
 
 ``CKPT`` is a step directory (``output_dir/step-NNNNNNN``) or a run's ``output_dir`` (its
 newest complete checkpoint), sharded (FSDP2) or single-file. Checkpoints hold the trained
@@ -88,11 +89,12 @@ def export_step(path: Path, out: str | Path, recipe: Any) -> dict[str, Any]:
     ``path`` into it (:func:`~metamorph_train.checkpointing.load_trained_weights`) and save
     it to ``out``; returns a summary."""
     from metamorph_train.checkpointing import load_trained_weights
+    from metamorph_train.model_card import save_trained
     from metamorph_train.runner import build_objective
 
     objective = build_objective(recipe)
     meta = load_trained_weights(path, objective)
-    saved = objective.save(Path(out))
+    saved = save_trained(objective, recipe, out, meta["step"], path.parent, meta.get("world"))
     return {
         "checkpoint": str(path),
         "step": meta["step"],

@@ -1,7 +1,8 @@
 """Running a recipe: the objective it names is built from the registry, its data mixed, the
 trainer run, and the trained model written to ``output_dir/final`` (after the last step; under
 FSDP2 read by rank 0 from the last sharded checkpoint, or from gathered full weights with
-``train.fsdp_checkpoint: full``) next to the step checkpoints."""
+``train.fsdp_checkpoint: full``) next to the step checkpoints, a unified model with a model
+card that describes the run (:mod:`metamorph_train.model_card`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from metamorph_train import checkpointing, distributed
+from metamorph_train.model_card import save_trained
 from metamorph_train.recipe import Recipe, objective_class
 from metamorph_train.train_state import latest_checkpoint
 
@@ -61,6 +63,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dic
     )
     summary = trainer.run()
     final = Path(recipe.train.output_dir) / "final"
+    card = {"step": recipe.train.steps, "run_dir": trainer.out, "world": trainer.world}
     newest = latest_checkpoint(trainer.out) if checkpointing.is_sharded(trainer) else None
     if newest is not None:
         # FSDP2 with sharded checkpoints (the last step's is the newest): nothing is gathered;
@@ -68,7 +71,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dic
         if trainer.rank == 0:
             whole = build_objective(recipe)
             checkpointing.load_trained_weights(newest, whole)
-            whole.save(final)
+            save_trained(whole, recipe, final, **card)
     elif trainer.strategy == "fsdp":
         # every rank takes part in gathering the shards; rank 0 loads them into a new,
         # unsharded copy of the model and saves that
@@ -76,9 +79,9 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = print) -> dic
         if trainer.rank == 0:
             whole = build_objective(recipe)
             whole.module.load_state_dict(state)
-            whole.save(final)
+            save_trained(whole, recipe, final, **card)
     elif trainer.rank == 0:  # DDP replicas are identical; one writer
-        objective.save(final)
+        save_trained(objective, recipe, final, **card)
     if trainer.world > 1:
         torch.distributed.barrier()
     errors: dict[str, int] = {}

@@ -1,16 +1,18 @@
 """``hf-causal-lm`` (aliases ``llama``, ``qwen2``, ``qwen3``): any transformers causal LM.
 
-Loads from a hub id or local directory (``pretrained``) or builds a random model from a config
-dict (``config``, with ``model_type``), always with an explicit dtype (transformers 5 would
-otherwise keep a checkpoint's own dtype). Adds ``<image_start>`` / ``<image_end>`` when the
-tokenizer lacks them, initialising their embedding rows (and untied ``lm_head`` rows) to the
-mean of the existing token rows. An embedding matrix padded beyond the tokenizer (Qwen) is
-never shrunk: new tokens take padded rows when there are any.
+Loads from a hub id or local directory (``pretrained``; ``revision`` and ``cache_dir`` apply to
+hub ids) or builds a random model from a config dict (``config``, with ``model_type``), always
+with an explicit dtype (transformers 5 would otherwise keep a checkpoint's own dtype). Adds
+``<image_start>`` / ``<image_end>`` when the tokenizer lacks them, initialising their embedding
+rows (and untied ``lm_head`` rows) to the mean of the existing token rows. An embedding matrix
+padded beyond the tokenizer (Qwen) is never shrunk: new tokens take padded rows when there are
+any.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from torch import nn
 
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.errors import CheckpointError
-from metamorph_core.interfaces import SUBFOLDER, Backbone, BackboneOutput
+from metamorph_core.hub import is_repo_id
+from metamorph_core.interfaces import CHECKPOINT_DIR, SUBFOLDER, Backbone, BackboneOutput
 
 IMAGE_START = "<image_start>"
 IMAGE_END = "<image_end>"
@@ -39,12 +42,20 @@ class HFCausalLM(Backbone):
         seed: int | None = None,
         strict: bool = False,
         lora_adapter: str | Path | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self._lora: dict[str, Any] | None = None
         # the image tokens' input rows as a parameter of their own (train_image_token_rows)
         self.register_parameter("image_token_rows", None)
+        # where a LoRA checkpoint finds its base: an existing directory (made absolute, so a
+        # later change of working directory does not matter), else the Hub id
+        self._base_dir: Path | None = None
+        if pretrained is not None and Path(pretrained).expanduser().is_dir():
+            self._base_dir = pretrained = Path(pretrained).expanduser().resolve()
         self._source = str(pretrained) if pretrained is not None else None
+        self._revision = revision
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if (pretrained is None) == (config is None):
@@ -58,8 +69,9 @@ class HFCausalLM(Backbone):
             raise ValueError(
                 "backbone 'hf-causal-lm' built from config= needs tokenizer= (hub id or directory)"
             )
+        hub = {"revision": revision, "cache_dir": cache_dir}  # for hub ids, not directories
         self.tokenizer = AutoTokenizer.from_pretrained(
-            str(tok_source), trust_remote_code=trust_remote_code
+            str(tok_source), trust_remote_code=trust_remote_code, **_hub_options(tok_source, **hub)
         )
         extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
@@ -69,15 +81,23 @@ class HFCausalLM(Backbone):
             # from another rank once the model is sharded)
             if lora_adapter is not None:
                 raise ValueError("a LoRA checkpoint cannot be built on the meta device")
-            cfg = AutoConfig.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
+            cfg = AutoConfig.from_pretrained(
+                str(pretrained),
+                trust_remote_code=trust_remote_code,
+                **_hub_options(pretrained, **hub),
+            )
             self.lm = AutoModelForCausalLM.from_config(cfg, **extra)
         elif pretrained is not None:
             try:
                 self.lm, info = AutoModelForCausalLM.from_pretrained(
-                    str(pretrained), output_loading_info=True, **extra
+                    str(pretrained),
+                    output_loading_info=True,
+                    **extra,
+                    **_hub_options(pretrained, **hub),
                 )
             except OSError as e:
-                raise CheckpointError(f"backbone: cannot load '{pretrained}': {e}") from e
+                base = "the LoRA adapter's base model " if lora_adapter is not None else ""
+                raise CheckpointError(f"backbone: cannot load {base}'{pretrained}': {e}") from e
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
             if strict and bad:
                 raise CheckpointError(
@@ -220,6 +240,12 @@ class HFCausalLM(Backbone):
         self._lora = None
 
     @property
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA settings (``r``, ``alpha``, ``dropout``, ``target_modules``) while LoRA is
+        applied, else ``None``."""
+        return None if self._lora is None else dict(self._lora)
+
+    @property
     def causal_lm(self) -> Any:
         """The transformers causal LM (inside peft's wrapper when LoRA is applied)."""
         return self.lm.get_base_model() if self._lora is not None else self.lm
@@ -274,21 +300,47 @@ class HFCausalLM(Backbone):
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         """The full model in transformers format (trained image-token rows written into its
         embedding matrix); with LoRA, only the peft adapter (and the tokenizer), referring to
-        the base model by its source."""
+        the base model by its source: a hub id (with its revision), or a local directory as a
+        path relative to the checkpoint (``directory``'s parent), so that the two can move
+        together."""
         self.tokenizer.save_pretrained(str(directory))
         kwargs = {**self._init_kwargs, "dtype": dtype_name(self.dtype)}
         self._write_back_image_token_rows()
         if self._lora is None:
             self.lm.save_pretrained(str(directory))
             return {**kwargs, "strict": True}
-        if self._source is None or not (Path(self._source).is_dir() or "/" in self._source):
+        if self._source is None or (self._base_dir is None and not is_repo_id(self._source)):
             raise ValueError(
                 "a LoRA checkpoint refers to its base model, but this backbone was built from a "
                 "config; save the base with save_pretrained first and build from that directory"
             )
+        if self._base_dir is not None and not self._base_dir.is_dir():
+            raise ValueError(
+                f"a LoRA checkpoint refers to its base model, but the base model directory "
+                f"'{self._base_dir}' this backbone was loaded from is gone; put it back, or "
+                "merge LoRA first (model.merge_lora()) and save a full checkpoint"
+            )
         self.lm.save_pretrained(str(directory))
-        source = str(Path(self._source).resolve()) if Path(self._source).is_dir() else self._source
-        return {**kwargs, "pretrained": source, "tokenizer": SUBFOLDER, "lora_adapter": SUBFOLDER}
+        kwargs.update(tokenizer=SUBFOLDER, lora_adapter=SUBFOLDER)
+        if self._base_dir is None:  # a Hub id
+            revision = {"revision": self._revision} if self._revision else {}
+            return {**kwargs, "pretrained": self._source, **revision}
+        try:
+            checkpoint = Path(directory).resolve().parent
+            relative = Path(os.path.relpath(self._base_dir, checkpoint)).as_posix()
+        except ValueError:  # another drive: only an absolute path can say where it is
+            return {**kwargs, "pretrained": str(self._base_dir)}
+        return {**kwargs, "pretrained": f"{CHECKPOINT_DIR}/{relative}"}
+
+
+def _hub_options(
+    source: str | Path, revision: str | None, cache_dir: str | Path | None
+) -> dict[str, str]:
+    """``revision`` and ``cache_dir`` for a hub id; nothing for a local path."""
+    if Path(source).exists():
+        return {}
+    given = {"revision": revision, "cache_dir": cache_dir}
+    return {k: str(v) for k, v in given.items() if v is not None}
 
 
 def _import_peft() -> Any:

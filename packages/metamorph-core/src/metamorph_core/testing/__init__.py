@@ -1,8 +1,10 @@
 """Helpers for tests of metamorph and of third-party plugins: tiny real models saved with
-``save_pretrained`` (no downloads) and conformance checks that any component can run."""
+``save_pretrained`` (no downloads), conformance checks that any component can run, and a local
+Hub cache to load repo ids from offline (:mod:`metamorph_core.testing.hub`)."""
 
 from metamorph_core.testing import samples
 from metamorph_core.testing.conformance import check_encoder
+from metamorph_core.testing.hub import offline_hub, populate_hub_cache
 from metamorph_core.testing.tiny import (
     TINY_FAMILIES,
     build_tiny_tokenizer,
@@ -26,6 +28,8 @@ __all__ = [
     "TINY_FAMILIES",
     "build_tiny_tokenizer",
     "check_encoder",
+    "offline_hub",
+    "populate_hub_cache",
     "samples",
     "save_tiny_backbone",
     "tiny_model_config",

@@ -1,7 +1,7 @@
 """pytest fixtures for tests of metamorph and of third-party plugins: tiny real backbones saved
 with ``save_pretrained`` and unified models built on them. Import them into a ``conftest.py``::
 
-    from metamorph_core.testing.fixtures import backbone_dirs, make_model  # noqa: F401
+    from metamorph_core.testing.fixtures import backbone_dirs, hub_cache, make_model  # noqa: F401
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metamorph_core.model import MetaMorphModel
+from metamorph_core.testing.hub import offline_hub
 from metamorph_core.testing.tiny import save_tiny_backbone, tiny_model_config
 
 
@@ -31,3 +32,10 @@ def make_model(backbone_dirs):
         return MetaMorphModel.from_config(tiny_model_config(backbone_dirs[family], **overrides))
 
     return make
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache, with the Hub client offline, for one test: fill it with
+    :func:`metamorph_core.testing.hub.populate_hub_cache` and load repo ids from it."""
+    return offline_hub(monkeypatch, tmp_path / "hub-cache")
