@@ -57,8 +57,11 @@ def core() -> None:
 
 
 def everything() -> None:
-    want = {"plugins", "generate", "merge-lora", "train", "cache-features", "demo", "eval"}
+    want = {"plugins", "generate", "merge-lora", "train", "cache-features", "demo", "eval", "serve"}
     assert want <= commands(), commands()
+    from metamorph_serve.app import STATIC
+
+    assert (STATIC / "index.html").is_file(), "the chat page is missing from the serve wheel"
     import yaml
     from PIL import Image
 

@@ -16,6 +16,7 @@ OWN_COMMANDS = {
     "metamorph-train": {"train", "cache-features", "convert-research", "export", "data"},
     "metamorph-toy": {"demo"},
     "metamorph-eval": {"eval"},
+    "metamorph-serve": {"serve"},
     "metamorph-encoders": set(),
     "metamorph-decoders": set(),
 }

@@ -39,6 +39,7 @@ _PROVIDED_BY = {
     "data": "metamorph-train",
     "demo": "metamorph-toy",
     "eval": "metamorph-eval",
+    "serve": "metamorph-serve",
 }
 
 

@@ -1,0 +1,231 @@
+"""The engine: one thread owns the model and generates for every request, several at a time.
+
+Requests wait in a queue. When the engine is free it takes the oldest request and every
+other waiting request that can share its batch (the same sampling settings; see
+:func:`batch_key`), up to ``max_batch``, after waiting ``batch_wait_s`` for more to arrive,
+and runs them as one batch on the model's KV-cached generation loop
+(:func:`metamorph_core.generation.stream_encoded`: one forward pass per step for all of
+them). A request that arrives while a batch runs joins the *next* batch (batching at batch
+boundaries, not continuous batching: a running batch's KV cache is not extended). A request
+whose client has gone, or whose deadline has passed, stops at the next step and frees its row.
+
+Events reach the request's asyncio queue as they happen: text pieces, each image as it
+completes (decoded to pixels by the attached decoder with the request's own
+:class:`~metamorph_core.decoding.DecodeConfig` fields when it asks for pixels), then the
+result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from metamorph_core.generation import (
+    DoneEvent,
+    EncodedPrompt,
+    GenerationConfig,
+    ImageEvent,
+    TextEvent,
+    stream_encoded,
+    to_pil,
+)
+
+
+class QueueFull(Exception):
+    """The engine's queue holds ``max_queue`` requests already."""
+
+
+@dataclass
+class Failed:
+    """The engine could not finish a request: ``status`` 503 when it timed out waiting in the
+    queue or the server shuts down, 500 for an error of the model (not of the request)."""
+
+    message: str
+    status: int = 500
+
+
+@dataclass
+class Job:
+    """One prompt to generate for: encoded, with its own token budget and decoding."""
+
+    prompt: EncodedPrompt
+    config: GenerationConfig  # sampling; max_new_tokens is this job's budget
+    force_image: bool = False
+    # pixels for each image: DecodeConfig fields over the decoder's own sampling ({}: its
+    # default); None: no pixels, visual tokens only
+    decoding: dict[str, Any] | None = None
+    deadline: float | None = None  # time.monotonic() after which the job stops
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    timed_out: bool = False
+
+    def emit(self, event: Any) -> None:
+        if self.loop is not None and self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def should_stop(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+        return self.timed_out or self.cancelled.is_set()
+
+
+def batch_key(job: Job) -> tuple[Any, ...]:
+    """What jobs must share to run in one batch: the generation loop takes one sampling
+    config for all rows (the token budget is per job, decoding is done per job). Seeded
+    sampling runs alone (a row's generator is seeded with the seed plus its row)."""
+    c = job.config
+    seeded = c.do_sample and c.seed is not None
+    cfg = dataclasses.replace(
+        c,
+        max_new_tokens=1,
+        decode_images=False,
+        decoding=None,
+        seed=c.seed if c.do_sample else None,
+    )
+    return (cfg, job.force_image, id(job) if seeded else None)
+
+
+@dataclass
+class Stats:
+    """What the engine has done: batches run, the requests in them, the largest batch, those
+    stopped early (their client left, or their time ran out) and batches that failed."""
+
+    batches: int = 0
+    jobs: int = 0
+    largest_batch: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    failures: int = 0
+
+
+class Engine:
+    """Generates for submitted jobs on ``model`` in a thread of its own (see the module)."""
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.01,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.batch_wait_s, self.log = batch_wait_s, log
+        self.stats = Stats()
+        self._queue: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="metamorph-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side -------------------------------------------------------------------
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` (all or none); :class:`QueueFull` when there is no room."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests wait already (--max-queue)")
+            self._queue.extend(jobs)
+            self._lock.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Stop after the running batch; waiting jobs fail."""
+        with self._lock:
+            self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._lock.notify()
+        for job in left:
+            job.emit(Failed("the server is shutting down", 503))
+        self._thread.join(timeout=30)
+
+    # -- the engine's thread -----------------------------------------------------------------
+    def _next_batch(self) -> list[Job] | None:
+        with self._lock:
+            while not self._queue and not self._closed:
+                self._lock.wait()
+            if self._closed:
+                return None
+        if self.batch_wait_s:  # let requests sent together arrive together
+            time.sleep(self.batch_wait_s)
+        with self._lock:
+            first = self._queue.popleft()
+            key, batch, rest = batch_key(first), [first], deque()
+            while self._queue:
+                job = self._queue.popleft()
+                if len(batch) < self.max_batch and batch_key(job) == key:
+                    batch.append(job)
+                else:
+                    rest.append(job)
+            self._queue.extendleft(reversed(rest))  # the others keep their order
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch = [j for j in batch if not self._gone(j)]
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.jobs += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            try:
+                self._generate(batch)
+            except Exception as e:  # a fault of the model or the library: the server lives on
+                self.stats.failures += 1
+                if self.log:
+                    self.log(f"generation failed for a batch of {len(batch)}: {e!r}")
+                for job in batch:
+                    job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _gone(self, job: Job) -> bool:
+        """Whether ``job`` ended while it waited: its client left, or its deadline passed."""
+        if not job.should_stop():
+            return False
+        if job.timed_out:
+            self.stats.timed_out += 1
+            job.emit(Failed("the request timed out waiting in the queue (--timeout)", 503))
+        else:
+            self.stats.cancelled += 1
+        return True
+
+    def _generate(self, batch: list[Job]) -> None:
+        first = batch[0]
+        config = dataclasses.replace(first.config, decode_images=False, decoding=None)
+        events = stream_encoded(
+            self.model,
+            [j.prompt for j in batch],
+            config,
+            first.force_image,
+            max_new_tokens=[j.config.max_new_tokens for j in batch],
+            should_stop=lambda i: batch[i].should_stop(),
+        )
+        with torch.no_grad():
+            for event in events:
+                job = batch[event.sample]
+                if isinstance(event, ImageEvent) and job.decoding is not None:
+                    pixels = self.model.decode_images(event.tokens[None], None, **job.decoding)
+                    event = dataclasses.replace(event, image=to_pil(pixels[0]))
+                if isinstance(event, DoneEvent) and event.result.finish_reason == "cancelled":
+                    if job.timed_out:
+                        self.stats.timed_out += 1
+                    else:
+                        self.stats.cancelled += 1
+                if isinstance(event, TextEvent | ImageEvent | DoneEvent):
+                    job.emit(event)
