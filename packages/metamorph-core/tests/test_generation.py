@@ -5,6 +5,8 @@ and `metamorph generate` need a decoder package: tests/test_generate_command.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,6 +273,55 @@ def test_per_prompt_budgets_and_stopping_one_sample_leave_the_others_unchanged(m
     assert done[2].finish_reason == "cancelled" and len(done[2].token_ids) == 4
     with pytest.raises(ValueError, match="one integer >= 1 per prompt"):
         stream_encoded(model, encoded, config, max_new_tokens=[3, 40])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"use_cache": False}, {"visual_guidance_scale": 2.0}, {"force": True}],
+    ids=["cache", "recompute", "guidance", "image"],
+)
+def test_prompts_joining_a_running_batch_generate_as_alone(model, options):
+    """Continuous batching: prompts handed over by ``admit`` between steps join the running
+    batch, finished rows leave it, and every sample ends exactly as it would alone."""
+    from metamorph_core.generation import stream_encoded
+
+    options = dict(options)
+    force = options.pop("force", False)
+    config = GenerationConfig(max_new_tokens=30, **options)
+    prompts = PROMPTS if not force else [RED, BLUE, "a red circle", AGAIN]
+    prefix = model.image_answer_prefix if force else ""
+    encoded = encode_prompts(model, to_conversations(prompts), prefix, config, force)
+    budgets = [30, 4, 30, 12]
+    calls, rows = [], []
+    arrivals = {2: [1], 5: [2, 3]}  # at the 2nd call prompt 1 joins; at the 5th prompts 2, 3
+
+    def admit(running):
+        calls.append(running)
+        return [(encoded[k], budgets[k]) for k in arrivals.get(len(calls), [])]
+
+    forward = model.backbone.forward
+
+    def counting(embeds, *args, **kwargs):
+        rows.append(embeds.shape[0])
+        return forward(embeds, *args, **kwargs)
+
+    model.backbone.forward = counting
+    try:
+        events = list(
+            stream_encoded(model, encoded[:1], config, force, max_new_tokens=[30], admit=admit)
+        )
+    finally:
+        del model.backbone.forward
+    done = {e.sample: e.result for e in events if isinstance(e, DoneEvent)}
+    assert sorted(done) == [0, 1, 2, 3]  # joined samples take the next indices in turn
+    run_alone = model.generate_image if force else model.generate
+    for k in range(4):
+        alone = dataclasses.replace(config, max_new_tokens=budgets[k])
+        same([done[k]], run_alone(prompts[k], config=alone))
+    assert calls[1] == 1 and calls[-1] == 0  # asked with what runs; asked again once all ended
+    width = 2 if config.visual_guidance_scale != 1.0 else 1
+    assert max(rows) > width  # the joined rows ran together with the first
+    assert rows[-1] < 4 * width  # finished rows left the batch (kept, all four would run)
 
 
 def test_incremental_text_holds_back_partial_characters_and_stops():

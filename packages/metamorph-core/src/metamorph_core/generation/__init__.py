@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from metamorph_core.generation.config import GenerationConfig, check_options
-from metamorph_core.generation.loop import stream_encoded, to_pil
+from metamorph_core.generation.loop import Admission, check_room, stream_encoded, to_pil
 from metamorph_core.generation.outputs import (
     DoneEvent,
     GenerationEvent,
@@ -54,6 +54,7 @@ from metamorph_core.generation.prompts import (
 from metamorph_core.generation.protocol import GenerativeModel
 
 __all__ = [
+    "Admission",
     "DoneEvent",
     "EncodedPrompt",
     "GenerationConfig",
@@ -63,6 +64,7 @@ __all__ = [
     "ImageEvent",
     "Prompt",
     "TextEvent",
+    "check_room",
     "encode_prompts",
     "generate",
     "generate_image",

@@ -6,7 +6,7 @@ whole sequence recomputed), then each sample takes a visual token, the forced
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,9 @@ class _Sample:
 
 class _Rows:
     """The batch's sequences on the backbone: a KV cache, or (``use_cache=False``) the whole
-    sequence recomputed at every step. Finished rows keep a place (masked, position frozen)."""
+    sequence recomputed at every step. Finished rows keep a place (masked, position frozen)
+    unless :meth:`keep` drops them; :meth:`merge` adds prefilled rows (joining mid-generation).
+    """
 
     def __init__(
         self, backbone: Any, embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool
@@ -88,9 +90,61 @@ class _Rows:
             out = self.backbone(self.embeds, attention_mask=self.mask, position_ids=self.positions)
         return out.hidden_states[:, -1]
 
+    def resizable(self) -> bool:
+        """Whether rows can be added and dropped: the whole-sequence path, or a cache whose
+        every layer is transformers' plain growing key/value store (not a sliding window, a
+        quantised or a static cache)."""
+        if not self.use_cache:
+            return True
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
-def _check_room(model: GenerativeModel, prompts: Sequence[EncodedPrompt], force_image: bool) -> int:
-    """The context length; raise if a prompt leaves no room to generate."""
+    def merge(self, other: _Rows, order: torch.Tensor) -> None:
+        """Add ``other``'s prefilled rows: both left-padded to the longer sequence (padding
+        masked), then every row put in ``order`` (indices into these rows, then other's)."""
+        la, lb = self.mask.shape[1], other.mask.shape[1]
+        width = max(la, lb)
+
+        def both(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([_left_pad(a, dim, width - la), _left_pad(b, dim, width - lb)])[order]
+
+        self.mask = both(self.mask, other.mask, 1)
+        self.next_position = torch.cat([self.next_position, other.next_position])[order]
+        if self.use_cache:
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+                mine.keys = both(mine.keys, theirs.keys, 2)
+                mine.values = both(mine.values, theirs.values, 2)
+        else:
+            self.embeds = both(self.embeds, other.embeds, 1)
+            self.positions = both(self.positions, other.positions, 1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices, in their new order), and drop the leading columns that
+        none of them attends to."""
+        self.mask, self.next_position = self.mask[rows], self.next_position[rows]
+        first = int(self.mask.any(dim=0).long().argmax())
+        self.mask = self.mask[:, first:]
+        if self.use_cache:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[rows, :, first:]
+                layer.values = layer.values[rows, :, first:]
+        else:
+            self.embeds = self.embeds[rows, first:]
+            self.positions = self.positions[rows, first:]
+
+
+def _left_pad(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def check_room(model: GenerativeModel, prompts: Sequence[EncodedPrompt], force_image: bool) -> int:
+    """The context length; a :class:`~metamorph_core.errors.ConversationError` naming the prompt
+    when one leaves no room to generate (a server checks each request with it before
+    batching)."""
     limit = model.sequence_builder.max_length or 1 << 62
     need = model.num_image_tokens + 1 if force_image else 1  # the image and <image_end>, or a token
     for i, p in enumerate(prompts):
@@ -114,6 +168,10 @@ def _stop_ids(model: GenerativeModel) -> set[int]:
     return ids
 
 
+#: what ``admit`` hands the loop: prompts to join, each with its own token budget
+Admission = Sequence[tuple[EncodedPrompt, int]]
+
+
 def stream_encoded(
     model: GenerativeModel,
     prompts: Sequence[EncodedPrompt],
@@ -122,6 +180,7 @@ def stream_encoded(
     *,
     max_new_tokens: Sequence[int] | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    admit: Callable[[int], Admission] | None = None,
 ) -> Iterator[GenerationEvent]:
     """The generation loop on encoded prompts (from :func:`encode_prompts`, or built by hand
     from token ids as :class:`EncodedSample`). ``force_image``: every prompt ends with
@@ -129,7 +188,15 @@ def stream_encoded(
     per prompt instead of ``config.max_new_tokens`` (a server batching requests).
     ``should_stop(i)``, asked for every unfinished sample before each step, ends sample ``i``
     there with finish reason ``"cancelled"`` (a client gone, a deadline passed); the others go
-    on. Bad input raises here, before the first event."""
+    on. Bad input raises here, before the first event.
+
+    ``admit(running)`` (continuous batching): called between steps with the number of samples
+    still running, it returns prompts to join now (with their token budgets; an empty list:
+    none), generated under the same ``config`` and ``force_image``. Each is prefilled and
+    joins the batch at the next step; the new samples take the next indices (``len(prompts)``,
+    then on), and finished rows leave the batch. The loop ends when nothing runs and ``admit``
+    gives nothing. Joining needs a cache that can grow and shrink by rows (transformers'
+    dynamic cache, or ``use_cache=False``); on any other cache ``admit`` is not called."""
     if not prompts:
         raise ValueError("generation needs at least one prompt")
     if max_new_tokens is not None and (
@@ -142,91 +209,122 @@ def stream_encoded(
         )
     if config.decode_images:
         model.require_decoder()
+    _check_guidance(prompts, config)
+    with torch.no_grad():
+        limits = list(max_new_tokens or [config.max_new_tokens] * len(prompts))
+        loop = _Loop(model, prompts, limits, config, force_image)
+        loop.should_stop, loop.admit = should_stop, admit
+        return loop.run()
+
+
+def _check_guidance(prompts: Sequence[EncodedPrompt], config: GenerationConfig) -> None:
     if config.visual_guidance_scale != 1.0 and any(p.unconditional is None for p in prompts):
         raise ValueError(
             f"visual_guidance_scale={config.visual_guidance_scale} needs every prompt's "
             "unconditional input; "
             "encode the prompts with encode_prompts(..., config) under the same config"
         )
-    with torch.no_grad():
-        loop = _Loop(model, prompts, config, force_image)
-        loop.limits = list(max_new_tokens or [config.max_new_tokens] * len(prompts))
-        loop.should_stop = should_stop
-        return loop.run()
 
 
 class _Loop:
     """One batched generation: per step, one backbone forward for all rows, then each sample
-    takes a visual token, the forced ``<image_end>`` or a text token."""
+    takes a visual token, the forced ``<image_end>`` or a text token. Row ``k`` of the batch
+    holds sample ``order[k]``; under guidance rows ``b + k`` are the unconditional ones."""
 
     def __init__(
         self,
         model: GenerativeModel,
         prompts: Sequence[EncodedPrompt],
+        limits: list[int],
         config: GenerationConfig,
         force_image: bool,
     ) -> None:
         self.model, self.config, self.force_image = model, config, force_image
-        self.limit = _check_room(model, prompts, force_image)
-        self.b, self.n = len(prompts), model.num_image_tokens
+        self.limit = check_room(model, prompts, force_image)
+        self.n = model.num_image_tokens
         self.guided = config.visual_guidance_scale != 1.0
         builder, backbone = model.sequence_builder, model.backbone
         self.device = next(backbone.parameters()).device
         self.stop_ids = set() if config.ignore_eos else _stop_ids(model)
         vocab = backbone.tokenizer.get_vocab()
         template_stops = () if config.ignore_eos else builder.template.stop
-        stops = (*config.stop, *(s for s in template_stops if s not in vocab))
-        self.samples = [
-            _Sample(IncrementalText(backbone.tokenizer, stops), len(p.sample.input_ids))
-            for p in prompts
-        ]
-        if force_image:  # the prompt ends with <image_start>: the image is the answer's start
-            for s in self.samples:
+        self.stops = (*config.stop, *(s for s in template_stops if s not in vocab))
+        self.samples: list[_Sample] = []
+        self.limits: list[int] = []  # per sample
+        self.generators: list[torch.Generator | None] = []  # per sample, when sampling
+        self.order = self._add_samples(prompts, limits)
+        self.rows = self._rows(prompts)
+        self.should_stop: Callable[[int], bool] | None = None
+        self.admit: Callable[[int], Admission] | None = None
+
+    @property
+    def b(self) -> int:
+        return len(self.order)
+
+    def _add_samples(self, prompts: Sequence[EncodedPrompt], limits: Sequence[int]) -> list[int]:
+        """Start a sample per prompt; their indices."""
+        first, tokenizer = len(self.samples), self.model.backbone.tokenizer
+        for p, limit in zip(prompts, limits, strict=True):
+            s = _Sample(IncrementalText(tokenizer, self.stops), len(p.sample.input_ids))
+            if self.force_image:  # the prompt ends with <image_start>: the image starts the answer
                 s.remaining = self.n + 1
-                s.ids.append(builder.image_start_id)
-        self.generators = (
-            make_generators(config.seed, self.b, self.device) if config.do_sample else []
-        )
+                s.ids.append(self.model.sequence_builder.image_start_id)
+            self.samples.append(s)
+            self.limits.append(limit)
+        if self.config.do_sample:  # sample i draws from seed + i
+            seed = self.config.seed
+            start = None if seed is None else seed + first
+            self.generators += make_generators(start, len(prompts), self.device)
+        return list(range(first, len(self.samples)))
+
+    def _rows(self, prompts: Sequence[EncodedPrompt]) -> _Rows:
         rows = [p.sample for p in prompts]
         rows += [p.unconditional for p in prompts if p.unconditional is not None and self.guided]
-        embeds, mask = embed_prompts(model, rows)
-        self.rows = _Rows(backbone, embeds, mask, config.use_cache)
-        self.limits = [config.max_new_tokens] * self.b  # per sample
-        self.should_stop: Callable[[int], bool] | None = None
+        embeds, mask = embed_prompts(self.model, rows)
+        return _Rows(self.model.backbone, embeds, mask, self.config.use_cache)
+
+    def _pushed_images(self, samples: Sequence[int]) -> list[GenerationEvent]:
+        if not self.force_image:
+            return []
+        return [TextEvent(i, self.samples[i].text.push_image()) for i in samples]
 
     @torch.no_grad()
     def run(self) -> Iterator[GenerationEvent]:
         model, builder = self.model, self.model.sequence_builder
         pad = model.backbone.embed(torch.tensor([builder.pad_id], device=self.device))[0]
         hidden = self.rows.prefill()  # (r, d)
-        if self.force_image:
-            yield from (TextEvent(i, s.text.push_image()) for i, s in enumerate(self.samples))
+        yield from self._pushed_images(self.order)
         while True:
             events: list[GenerationEvent] = []
+            samples, order = self.samples, self.order
             next_ids = [builder.pad_id] * self.b
-            live = [i for i, s in enumerate(self.samples) if s.finish_reason is None]
+            live = [k for k in range(self.b) if samples[order[k]].finish_reason is None]
             if self.should_stop is not None:
-                for i in [i for i in live if self.should_stop(i)]:
-                    s = self.samples[i]
+                for k in [k for k in live if self.should_stop(order[k])]:
+                    s = samples[order[k]]
                     s.finish_reason = "cancelled"
-                    events += [TextEvent(i, s.text.finish()), DoneEvent(i, _result(s))]
-                    live.remove(i)
-            visual = [i for i in live if self.samples[i].remaining > 1]
-            text = [i for i in live if self.samples[i].remaining == 0]
+                    events += [
+                        TextEvent(order[k], s.text.finish()),
+                        DoneEvent(order[k], _result(s)),
+                    ]
+                    live.remove(k)
+            visual = [k for k in live if samples[order[k]].remaining > 1]
+            text = [k for k in live if samples[order[k]].remaining == 0]
             proj = None
             if visual:
                 idx = torch.tensor(visual, device=self.device)
                 pred = self._visual_tokens(hidden, idx)  # (v, c)
                 proj = model.project_visual(pred)  # (v, d)
                 events += self._take_visual(visual, pred)
-            for i in live:
-                if self.samples[i].remaining == 1:
-                    next_ids[i] = self._end_image(self.samples[i])
+            for k in live:
+                if samples[order[k]].remaining == 1:
+                    next_ids[k] = self._end_image(samples[order[k]])
             if text:
                 logits = model.backbone.logits(hidden[torch.tensor(text, device=self.device)])
                 events += self._take_text(text, logits, next_ids)
-            for i in live:
-                s = self.samples[i]
+            for k in live:
+                i = order[k]
+                s = samples[i]
                 full = s.sampled >= self.limits[i] or s.length >= self.limit
                 if s.finish_reason is None and s.remaining == 0 and full:
                     s.finish_reason = "length"
@@ -234,17 +332,60 @@ class _Loop:
                     events += [TextEvent(i, s.text.finish()), DoneEvent(i, _result(s))]
             yield from (e for e in events if not isinstance(e, TextEvent) or e.text)
 
-            alive = [s.finish_reason is None for s in self.samples]
-            if not any(alive):
-                return
+            alive = [samples[i].finish_reason is None for i in order]
             step = model.backbone.embed(torch.tensor(next_ids, device=self.device))  # (b, d)
             if proj is not None:
                 step[torch.tensor(visual, device=self.device)] = proj.to(step.dtype)
+            if self.admit is not None and self.rows.resizable():
+                hidden = yield from self._continue(step, alive)
+                if hidden is None:
+                    return
+                continue
+            if not any(alive):
+                return
             alive_t = torch.tensor(alive, device=self.device)
             step = torch.where(alive_t[:, None], step, pad)
             if self.guided:  # the unconditional rows take the same inputs
                 step, alive_t = torch.cat([step, step]), torch.cat([alive_t, alive_t])
             hidden = self.rows.step(step, alive_t)
+
+    def _continue(
+        self, step: torch.Tensor, alive: list[bool]
+    ) -> Generator[GenerationEvent, None, torch.Tensor | None]:
+        """Continuous batching between two steps: finished rows leave, the running ones take
+        their step, then the prompts ``admit`` hands over are prefilled and join. Returns the
+        hidden states of the new batch (``None``: nothing runs any more)."""
+        keep = [k for k in range(self.b) if alive[k]]
+        hidden = None
+        if keep:
+            rows = keep + [k + self.b for k in keep] if self.guided else keep
+            self.rows.keep(torch.tensor(rows, device=self.device))
+            self.order = [self.order[k] for k in keep]
+            step = step[torch.tensor(keep, device=self.device)]
+            ones = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+            hidden = self.rows.step(torch.cat([step, step]) if self.guided else step, ones)
+        admitted = list(self.admit(len(keep)))
+        if not admitted:
+            return hidden
+        prompts = [p for p, _ in admitted]
+        check_room(self.model, prompts, self.force_image)
+        _check_guidance(prompts, self.config)
+        joined = self._add_samples(prompts, [m for _, m in admitted])
+        rows = self._rows(prompts)
+        new_hidden = rows.prefill()
+        if hidden is None:  # nothing was running: the new prompts are the batch
+            self.rows, self.order, hidden = rows, joined, new_hidden
+        else:
+            old, new = self.b, len(joined)
+            r_old = hidden.shape[0]
+            cond = [*range(old), *range(r_old, r_old + new)]
+            uncond = [*range(old, r_old), *range(r_old + new, r_old + 2 * new)]
+            order = torch.tensor(cond + uncond if self.guided else cond, device=self.device)
+            self.rows.merge(rows, order)
+            hidden = torch.cat([hidden, new_hidden])[order]
+            self.order = self.order + joined
+        yield from self._pushed_images(joined)
+        return hidden
 
     def _visual_tokens(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``(v, c)`` float32 tokens for rows ``idx``: the normalised head output or, under
@@ -257,7 +398,8 @@ class _Loop:
 
     def _take_visual(self, visual: list[int], pred: torch.Tensor) -> list[GenerationEvent]:
         events: list[GenerationEvent] = []
-        for i, token in zip(visual, pred, strict=True):
+        for k, token in zip(visual, pred, strict=True):
+            i = self.order[k]
             s = self.samples[i]
             s.visual.append(token)
             s.remaining -= 1
@@ -285,11 +427,12 @@ class _Loop:
         self, text: list[int], logits: torch.Tensor, next_ids: list[int]
     ) -> list[GenerationEvent]:
         c = self.config
-        gens = [self.generators[i] for i in text] if c.do_sample else ()
+        gens = [self.generators[self.order[k]] for k in text] if c.do_sample else ()
         chosen = choose_tokens(logits, c.do_sample, c.temperature, c.top_k, c.top_p, gens)
         start_id = self.model.sequence_builder.image_start_id
         events: list[GenerationEvent] = []
-        for i, token in zip(text, chosen.tolist(), strict=True):
+        for k, token in zip(text, chosen.tolist(), strict=True):
+            i = self.order[k]
             s = self.samples[i]
             s.sampled += 1
             if token == start_id and s.length + self.n + 2 > self.limit:
@@ -297,7 +440,7 @@ class _Loop:
                 continue
             s.ids.append(token)
             s.length += 1
-            next_ids[i] = token
+            next_ids[k] = token
             if token in self.stop_ids:
                 s.finish_reason = "stop"
                 continue
