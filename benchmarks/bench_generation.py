@@ -26,6 +26,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -49,8 +50,12 @@ BACKBONE = {"model_type": "llama", **W.MID_BACKBONE}
 TINY_BACKBONE = {"model_type": "llama", **W.TINY_BACKBONE}  # --smoke
 
 
-def build_model(tmp: Path, device: str, backbone: dict | None = None) -> MetaMorphModel:
-    build_tiny_tokenizer("llama").save_pretrained(str(tmp / "tokenizer"))
+def build_model(
+    tmp: Path, device: str, backbone: dict | None = None, tokenizer: Any = None
+) -> MetaMorphModel:
+    """The benchmark model (``backbone``: a config dict, default the mid-size one) on the tiny
+    tokenizer, or on ``tokenizer`` when given (saved into ``tmp``)."""
+    (tokenizer or build_tiny_tokenizer("llama")).save_pretrained(str(tmp / "tokenizer"))
     config = {
         "encoder": {
             "name": "tiny-patch",

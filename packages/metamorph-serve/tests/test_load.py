@@ -20,7 +20,7 @@ PROMPTS = [RED, BLUE, AGAIN, "a red circle", "a blue square", "hello", "what is 
 
 def _body(text, **extra):
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 12,
-            "metamorph": {"decode_images": False}, **extra}  # fmt: skip
+            "metamorph": {"decode_images": False, "return_visual_tokens": True}, **extra}  # fmt: skip
 
 
 def _image_message(url):
@@ -28,10 +28,11 @@ def _image_message(url):
 
 
 def _text(response):
+    """The answer's text with ``<image>`` where each image is (its visual tokens part)."""
     content = response.json()["choices"][0]["message"]["content"]
     if isinstance(content, str):
         return content
-    return "<image>".join(p["text"] for p in content if p["type"] == "text")
+    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in content)
 
 
 def _delta(line):
@@ -131,3 +132,27 @@ def test_a_request_past_its_time_ends_with_what_it_has(live, slow):
     assert 0 < response.json()["usage"]["completion_tokens"] < 400
     assert took < 5  # 400 steps of 20 ms would take 8 s
     assert health["timed_out"] == 1
+
+
+def test_a_request_arriving_mid_batch_joins_it_at_the_next_step(live, slow, model):
+    url = live(max_batch=8, batch_wait_s=0.0)
+    long = _body(RED, max_tokens=200, stream=True)
+    late = _body(BLUE, max_tokens=20)
+    for body in (long, late):  # the same options: it may join
+        body["metamorph"]["ignore_eos"] = True
+    with (
+        httpx.Client(base_url=url, timeout=120) as client,
+        client.stream("POST", CHAT, json=long) as response,
+    ):
+        lines = response.iter_lines()
+        for line in lines:  # the long request is generating
+            if line.startswith("data: {") and _delta(line):
+                break
+        answer = client.post(CHAT, json=late)
+        health = client.get("/health").json()
+        assert health["batches"] == 1  # still the first batch: the late one joined it
+        for _ in lines:  # the long one goes on to its end
+            pass
+    assert health["joined"] == 1 and health["largest_batch"] == 2
+    (want,) = model.generate(BLUE, max_new_tokens=20, ignore_eos=True)
+    assert _text(answer) == want.text  # as if alone

@@ -23,7 +23,13 @@ from starlette.concurrency import run_in_threadpool
 
 from metamorph_core.conversation import IMAGE_PLACEHOLDER, Conversation, Turn
 from metamorph_core.errors import MetaMorphError
-from metamorph_core.generation import DoneEvent, ImageEvent, TextEvent, encode_prompts
+from metamorph_core.generation import (
+    DoneEvent,
+    ImageEvent,
+    TextEvent,
+    check_room,
+    encode_prompts,
+)
 from metamorph_serve.engine import Engine, Failed, Job, QueueFull
 from metamorph_serve.protocol import (
     Answer,
@@ -41,11 +47,23 @@ STATIC = Path(__file__).with_name("static")
 FINISH = {"stop": "stop", "image": "stop", "length": "length"}
 
 
-def create_app(model: Any, settings: ServeSettings | None = None, log: Any = None) -> FastAPI:
+def create_app(
+    model: Any, settings: ServeSettings | None = None, log: Any = None, engine_thread: bool = True
+) -> FastAPI:
     """The server's app for ``model`` (a :class:`~metamorph_core.MetaMorphModel` in eval mode
-    on its device): an :class:`Engine` starts with it and stops at shutdown."""
+    on its device): an :class:`Engine` starts with it (in a thread of its own, or with
+    ``engine_thread=False`` wherever the caller runs ``app.state.engine.run()``) and stops at
+    shutdown."""
     settings = settings or ServeSettings()
-    engine = Engine(model, settings.max_batch, settings.max_queue, settings.batch_wait_s, log)
+    engine = Engine(
+        model,
+        settings.max_batch,
+        settings.max_queue,
+        settings.batch_wait_s,
+        log,
+        thread=engine_thread,
+        continuous=settings.continuous_batching,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,6 +115,7 @@ def create_app(model: Any, settings: ServeSettings | None = None, log: Any = Non
             (prompt,) = await run_in_threadpool(
                 encode_prompts, model, [conversation], prefix, answer.config, answer.force_image
             )
+            check_room(model, [prompt], answer.force_image)  # not later, in a shared batch
         except (MetaMorphError, ValueError) as e:  # too long, images not matching the text
             raise ApiError(400, str(e), "messages") from e
         return prompt
@@ -128,7 +147,9 @@ def create_app(model: Any, settings: ServeSettings | None = None, log: Any = Non
             "waiting": engine.waiting,
             "batches": s.batches,
             "requests": s.jobs,
+            "joined": s.joined,
             "largest_batch": s.largest_batch,
+            "continuous_batching": engine.continuous,
             "cancelled": s.cancelled,
             "timed_out": s.timed_out,
             "failures": s.failures,

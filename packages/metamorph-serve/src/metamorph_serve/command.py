@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from metamorph_core.cli import Run
 
@@ -36,6 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> Run:
     g.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="wait for more requests to join a batch"
     )
+    g.add_argument(
+        "--continuous-batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="requests arriving while a batch runs join it at the next step (default); "
+        "--no-continuous-batching: they wait for the next batch",
+    )
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests; beyond: 429")
     g = p.add_argument_group("limits (each refused with a 4xx naming it)")
     g.add_argument("--max-tokens", type=int, default=1024, help="most tokens an answer may ask for")
@@ -58,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> Run:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
     from pathlib import Path
 
     import torch
@@ -72,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or Path(args.checkpoint).resolve().name,
         max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1000,
+        continuous_batching=args.continuous_batching,
         max_queue=args.max_queue,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,
@@ -93,8 +105,29 @@ def run(args: argparse.Namespace) -> int:
             "address can use the model (set --api-key or METAMORPH_API_KEY)",
             file=sys.stderr,
         )
-    app = create_app(model, settings, log=lambda m: print(m, file=sys.stderr))
+    app = create_app(model, settings, log=lambda m: print(m, file=sys.stderr), engine_thread=False)
+    # HTTP in a thread, generation in this (the main) thread: see Engine
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    http = threading.Thread(target=server.run, name="metamorph-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():  # it could not start (the port is taken ...): said above
+            return 1
+        time.sleep(0.05)
     decoder = "with a visual decoder" if model.decoder is not None else "without a visual decoder"
     print(f"serving '{settings.model_name}' ({decoder}) on http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        app.state.engine.run()
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        app.state.engine.close()  # waiting requests are answered 503
+        server.should_exit = True
+        http.join(timeout=30)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM stops the server as Ctrl-C does."""
+    raise KeyboardInterrupt

@@ -5,9 +5,13 @@ other waiting request that can share its batch (the same sampling settings; see
 :func:`batch_key`), up to ``max_batch``, after waiting ``batch_wait_s`` for more to arrive,
 and runs them as one batch on the model's KV-cached generation loop
 (:func:`metamorph_core.generation.stream_encoded`: one forward pass per step for all of
-them). A request that arrives while a batch runs joins the *next* batch (batching at batch
-boundaries, not continuous batching: a running batch's KV cache is not extended). A request
-whose client has gone, or whose deadline has passed, stops at the next step and frees its row.
+them). While the batch runs, requests that arrive join it at the next step boundary
+(continuous batching): between two steps the loop asks for waiting requests with the batch's
+settings, up to ``max_batch`` running, in arrival order, stopping at the first waiting request
+with other settings, which runs once this batch has drained (so no request waits behind an
+endless stream of others). Finished rows leave the batch at once. A request whose client has
+gone, or whose deadline has passed, stops at the next step and frees its row. Models whose
+cache cannot grow by rows (a sliding-window or static cache) batch at batch boundaries only.
 
 Events reach the request's asyncio queue as they happen: text pieces, each image as it
 completes (decoded to pixels by the attached decoder with the request's own
@@ -96,11 +100,13 @@ def batch_key(job: Job) -> tuple[Any, ...]:
 
 @dataclass
 class Stats:
-    """What the engine has done: batches run, the requests in them, the largest batch, those
-    stopped early (their client left, or their time ran out) and batches that failed."""
+    """What the engine has done: batches run, the requests in them (``joined``: those that
+    joined a running batch), the most requests generated together, those stopped early (their
+    client left, or their time ran out) and batches that failed."""
 
     batches: int = 0
     jobs: int = 0
+    joined: int = 0
     largest_batch: int = 0
     cancelled: int = 0
     timed_out: int = 0
@@ -117,15 +123,26 @@ class Engine:
         max_queue: int = 64,
         batch_wait_s: float = 0.01,
         log: Callable[[str], None] | None = None,
+        thread: bool = True,
+        continuous: bool = True,
     ) -> None:
+        """``thread``: generate in a thread of the engine's own, started now; ``False``: the
+        caller runs :meth:`run` in a thread of its choice (``metamorph serve`` runs it in the
+        main thread, where the model was loaded: torch's CPU kernels run ~1.5x slower at
+        batch 1 from another thread, its OpenMP workers being tied to the thread that first
+        used them). ``continuous``: requests join a running batch (else only the next one)."""
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.continuous = continuous
         self.batch_wait_s, self.log = batch_wait_s, log
         self.stats = Stats()
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="metamorph-engine", daemon=True)
-        self._thread.start()
+        self._running: list[Job] = []
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="metamorph-engine", daemon=True)
+            self._thread.start()
 
     # -- the caller's side -------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
@@ -151,9 +168,10 @@ class Engine:
             self._lock.notify()
         for job in left:
             job.emit(Failed("the server is shutting down", 503))
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
-    # -- the engine's thread -----------------------------------------------------------------
+    # -- the engine's side ---------------------------------------------------------------------
     def _next_batch(self) -> list[Job] | None:
         with self._lock:
             while not self._queue and not self._closed:
@@ -174,7 +192,17 @@ class Engine:
             self._queue.extendleft(reversed(rest))  # the others keep their order
         return batch
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Generate for submitted jobs until :meth:`close`. Interrupted (``KeyboardInterrupt``
+        in the main thread), it answers the running batch's jobs 503 and re-raises."""
+        try:
+            self._serve()
+        except BaseException:
+            for job in self._running:
+                job.emit(Failed("the server is shutting down", 503))
+            raise
+
+    def _serve(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -182,6 +210,7 @@ class Engine:
             batch = [j for j in batch if not self._gone(j)]
             if not batch:
                 continue
+            self._running = batch
             self.stats.batches += 1
             self.stats.jobs += len(batch)
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -205,6 +234,24 @@ class Engine:
             self.stats.cancelled += 1
         return True
 
+    def _admit(self, batch: list[Job], running: int) -> list[tuple[Any, int]]:
+        """Waiting jobs that join ``batch`` now (appended to it), ``running`` rows in it: those
+        with its settings, in arrival order, up to the first job with other settings."""
+        key, joined = batch_key(batch[0]), []
+        with self._lock:
+            while self._queue and running + len(joined) < self.max_batch:
+                if batch_key(self._queue[0]) != key:
+                    break
+                job = self._queue.popleft()
+                if not self._gone(job):
+                    joined.append(job)
+        if joined:
+            batch += joined
+            self.stats.jobs += len(joined)
+            self.stats.joined += len(joined)
+            self.stats.largest_batch = max(self.stats.largest_batch, running + len(joined))
+        return [(j.prompt, j.config.max_new_tokens) for j in joined]
+
     def _generate(self, batch: list[Job]) -> None:
         first = batch[0]
         config = dataclasses.replace(first.config, decode_images=False, decoding=None)
@@ -215,6 +262,7 @@ class Engine:
             first.force_image,
             max_new_tokens=[j.config.max_new_tokens for j in batch],
             should_stop=lambda i: batch[i].should_stop(),
+            admit=(lambda running: self._admit(batch, running)) if self.continuous else None,
         )
         with torch.no_grad():
             for event in events:

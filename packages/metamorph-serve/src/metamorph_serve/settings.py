@@ -11,7 +11,8 @@ class ServeSettings:
     """``api_key``: required as ``Authorization: Bearer KEY`` on every API route (not on
     ``/health`` and the chat page's static files, which hold no data); ``None``: no key.
     ``max_batch``: requests generated together; ``batch_wait_s``: how long the engine waits
-    for more requests to join a batch it is about to start. Limits, each refused with a 4xx
+    for more requests to join a batch it is about to start; ``continuous_batching``: requests
+    arriving while a batch runs join it at the next step (else they wait for the next batch). Limits, each refused with a 4xx
     naming it: ``max_queue`` requests waiting (429 beyond), ``max_request_bytes`` of body,
     ``max_image_pixels`` per input image, ``max_images`` per request, ``max_tokens`` per
     answer (``default_max_tokens`` when a request names none), ``max_n`` images per image
@@ -23,6 +24,7 @@ class ServeSettings:
     model_name: str = "metamorph"
     max_batch: int = 8
     batch_wait_s: float = 0.01
+    continuous_batching: bool = True
     max_queue: int = 64
     max_request_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
