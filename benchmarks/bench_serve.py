@@ -43,7 +43,6 @@ from bench_generation import build_model
 from harness import OWN_PIDS, Case, Suite, add_common_arguments, command_line, results_dir
 from PIL import Image
 
-from metamorph_core import create
 from metamorph_core.testing import build_tiny_tokenizer, free_port
 
 CHAT = "/v1/chat/completions"
@@ -59,7 +58,7 @@ WORDS = ["red", "blue", "green", "square", "circle", "image", "the", "a", "of", 
 
 def save_checkpoint(tmp: Path, smoke: bool) -> Path:
     """The mid-size model (tiny under ``--smoke``) with a tiny pixel-space decoder, saved."""
-    from metamorph_decoders.testing import tiny_unet_config
+    from metamorph_decoders.testing import tiny_decoder
 
     backbone = {"model_type": "llama", **(W.TINY_BACKBONE if smoke else W.MID_BACKBONE)}
     # a token for (almost) every row of the vocabulary, so that what random weights choose is
@@ -67,16 +66,8 @@ def save_checkpoint(tmp: Path, smoke: bool) -> Path:
     tokenizer = build_tiny_tokenizer("llama")
     tokenizer.add_tokens([f"<w{i}>" for i in range(backbone["vocab_size"] - len(tokenizer) - 80)])
     model = build_model(tmp, "cpu", backbone, tokenizer)
-    decoder = create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        context_length=8,
-        sampling={"scheduler": "ddim", "steps": 4, "guidance_scale": 1.0, "seed": 0},
-        seed=0,
-    )
+    sampling = {"scheduler": "ddim", "steps": 4, "guidance_scale": 1.0, "seed": 0}
+    decoder = tiny_decoder(model, adapter=None, sampling=sampling)  # the default adapter
     model.attach_decoder(decoder.eval())
     return model.save_pretrained(tmp / "checkpoint")
 

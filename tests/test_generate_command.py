@@ -9,30 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import MetaMorphModel
 from metamorph_core.cli import main
 from metamorph_core.testing import tiny_model_config
 from metamorph_core.testing.trained import ANSWER, RED, train
-from metamorph_decoders.testing import tiny_unet_config
+from metamorph_decoders.testing import tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def model(backbone_dirs) -> MetaMorphModel:
     torch.manual_seed(0)
     return train(MetaMorphModel.from_config(tiny_model_config(backbone_dirs["llama"])))
-
-
-def tiny_decoder(model: MetaMorphModel):
-    return create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
-        context_length=8,
-        seed=0,
-    )
 
 
 def test_cli_writes_text_and_png(model, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import MetaMorphModel
 from metamorph_core.testing import build_tiny_tokenizer, tiny_model_config
 
 TINY_ENCODER = {"image_size": 16, "patch_size": 4, "hidden_size": 8, "num_tokens": 4}
@@ -110,18 +110,9 @@ def save_tiny_clip(path):
 
 
 def tiny_decoder(model: MetaMorphModel):
-    from metamorph_decoders.testing import tiny_unet_config
+    from metamorph_decoders.testing import tiny_decoder
 
-    return create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
-        context_length=8,
-        seed=0,
-    )
+    return tiny_decoder(model)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import MetaMorphModel
 from metamorph_core.testing import tiny_model_config
 from metamorph_core.testing.fixtures import backbone_dirs, make_model  # noqa: F401
 from metamorph_core.testing.trained import train
@@ -14,21 +14,12 @@ from metamorph_core.testing.trained import train
 
 @pytest.fixture(scope="session")
 def model(backbone_dirs):  # noqa: F811
-    from metamorph_decoders.testing import tiny_unet_config
+    from metamorph_decoders.testing import tiny_decoder
 
     torch.manual_seed(0)
     model = train(MetaMorphModel.from_config(tiny_model_config(backbone_dirs["llama"])))
-    decoder = create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
-        context_length=8,
-        sampling={"scheduler": "ddim", "steps": 2, "guidance_scale": 1.0, "seed": 0},
-        seed=0,
-    )
+    sampling = {"scheduler": "ddim", "steps": 2, "guidance_scale": 1.0, "seed": 0}
+    decoder = tiny_decoder(model, sampling=sampling)
     model.attach_decoder(decoder.eval())
     return model.eval()
 

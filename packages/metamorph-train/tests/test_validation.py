@@ -14,9 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import MetaMorphModel
 from metamorph_core.testing import free_port, samples, save_tiny_backbone, tiny_model_config
-from metamorph_decoders.testing import tiny_unet_config
+from metamorph_decoders.testing import tiny_decoder
 from metamorph_train.data import ConversationDataset, Mixture
 from metamorph_train.loggers.jsonl import JSONLLogger
 from metamorph_train.loggers.tensorboard import TensorBoardLogger
@@ -148,17 +148,7 @@ def test_prompts_are_answered_and_drawn_with_a_decoder_attached(tmp_path):
     backbone = save_tiny_backbone(tmp_path / "llama", "llama", seed=1)
     torch.manual_seed(0)
     model = MetaMorphModel.from_config(tiny_model_config(backbone))
-    decoder = create(
-        "decoder",
-        "sd-unet",
-        token_dim=model.encoder.hidden_size,
-        num_tokens=model.num_image_tokens,
-        unet_config=tiny_unet_config(),
-        adapter={"name": "mlp", "kwargs": {"hidden_dims": [48]}},
-        context_length=8,
-        seed=0,
-    )
-    model.attach_decoder(decoder)
+    model.attach_decoder(tiny_decoder(model))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na blue circle\n")  # a file: one prompt per line
     config = TrainerConfig(

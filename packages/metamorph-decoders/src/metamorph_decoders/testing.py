@@ -39,3 +39,21 @@ def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
         "sample_size": 16,
         **overrides,
     }
+
+
+def tiny_decoder(model: Any, **overrides: Any) -> Any:
+    """A tiny pixel-space ``sd-unet`` decoder fitting ``model``'s visual tokens (an ``mlp``
+    adapter, 8 context tokens, fixed seed); ``overrides`` replace any of its settings (e.g.
+    ``sampling={...}``). Attach it with ``model.attach_decoder``."""
+    from metamorph_core import create
+
+    settings = {
+        "token_dim": model.encoder.hidden_size,
+        "num_tokens": model.num_image_tokens,
+        "unet_config": tiny_unet_config(),
+        "adapter": {"name": "mlp", "kwargs": {"hidden_dims": [48]}},
+        "context_length": 8,
+        "seed": 0,
+        **overrides,
+    }
+    return create("decoder", "sd-unet", **settings)
