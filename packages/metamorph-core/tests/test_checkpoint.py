@@ -80,6 +80,12 @@ def test_missing_backbone_weights_or_subfolder(make_model, tmp_path):
     ):
         MetaMorphModel.from_pretrained(path)
     bb_file.unlink()
+    with pytest.raises(CheckpointError, match="backbone/model.safetensors is missing"):
+        MetaMorphModel.from_pretrained(path)
+    # a checkpoint without the list of its files (written before the list was) still names them
+    meta = json.loads((path / "config.json").read_text())
+    del meta["files"]
+    (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(
         CheckpointError, match="backbone: cannot load .*no file named model.safetensors"
     ):

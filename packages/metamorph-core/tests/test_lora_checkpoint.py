@@ -89,10 +89,11 @@ def test_hub_base_is_recorded_by_id_and_revision_and_loads_offline(hub_cache, tm
     loaded = MetaMorphModel.from_pretrained(path)
     assert same(merged_state(loaded), expected)
     shutil.rmtree(hub_cache / "models--org--base")
-    with pytest.raises(
-        CheckpointError, match="cannot load the LoRA adapter's base model 'org/base'"
-    ):
+    with pytest.raises(CheckpointError) as e:
         MetaMorphModel.from_pretrained(path)
+    message = str(e.value)
+    assert "cannot load the LoRA adapter's base model 'org/base' at revision 'v1'" in message
+    assert "set components.backbone.load_kwargs.pretrained in its config.json" in message
 
 
 def test_a_missing_base_is_a_clear_error(tmp_path):
@@ -105,6 +106,20 @@ def test_a_missing_base_is_a_clear_error(tmp_path):
     assert "'<checkpoint>/../../base' is a path relative to the checkpoint" in message
     assert str(tmp_path / "base") in message and "move both together" in message
     assert "components.backbone.load_kwargs.pretrained" in message
+
+
+def test_a_damaged_base_names_its_file(tmp_path):
+    base = save_tiny_backbone(tmp_path / "base", seed=1)
+    path = lora_model(base).save_pretrained(tmp_path / "runs" / "lora")
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as e:
+        MetaMorphModel.from_pretrained(path)
+    message = str(e.value)
+    needs = "needs the backbone's pretrained '<checkpoint>/../../base'"
+    assert f"checkpoint '{path}' {needs}" in message
+    assert "model.safetensors is truncated: 1,000 bytes, but its header" in message
+    assert f"('{weights}')" in message
 
 
 def test_saving_lora_over_a_deleted_base_directory_is_refused(tmp_path):

@@ -6,7 +6,18 @@ class MetaMorphError(Exception):
 
 
 class ComponentNotFoundError(MetaMorphError, KeyError):
-    """A component name that no installed plugin registers."""
+    """A component name that no installed plugin registers: its ``kind`` and ``name``, and the
+    ``package`` to install when one of metamorph's own packages provides it."""
+
+    def __init__(
+        self,
+        message: str,
+        kind: str | None = None,
+        name: str | None = None,
+        package: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.name, self.package = kind, name, package
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -29,4 +40,5 @@ class ConversationError(MetaMorphError, ValueError):
 
 
 class CheckpointError(MetaMorphError):
-    """A checkpoint directory that is incomplete, inconsistent or of an unknown format."""
+    """A checkpoint directory that is incomplete, damaged, inconsistent or of an unknown format,
+    or that needs a component or base model that is not there."""

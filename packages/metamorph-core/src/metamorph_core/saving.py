@@ -1,6 +1,7 @@
 """Saving and loading unified models: a checkpoint directory holds ``config.json`` (format,
 library version, the :class:`~metamorph_core.config.MetaMorphConfig`, each component's
-registry name and kwargs, the image token ids, the model card data), ``model.safetensors``
+registry name and kwargs, the image token ids, the model card data, the list of the other
+files that loading reads), ``model.safetensors``
 (every component that does not save itself), a subfolder per component that does
 (``backbone/`` in plain transformers format, loadable by transformers alone; ``decoder/`` in
 the SD layout) and ``README.md``, the model card (:mod:`metamorph_core.model_card`), which
@@ -10,6 +11,10 @@ A component that saves itself returns the keyword arguments that reload it from 
 subfolder (:meth:`metamorph_core.interfaces.Component.save_pretrained`); a path in them may be
 relative to the checkpoint (:data:`~metamorph_core.interfaces.CHECKPOINT_DIR`). Writes are
 atomic; loading is strict (every weight present, every shape right) and unpickles nothing.
+Before any component loads, every listed file must be there and every safetensors and JSON
+file in the checkpoint must be whole (:func:`~metamorph_core.checkpoint.check_files`), so a
+damaged checkpoint is a :class:`~metamorph_core.errors.CheckpointError` naming the file; so is
+a component that is not installed (naming the package to install) or a newer format.
 A checkpoint may be named by a Hugging Face Hub repo id (:mod:`metamorph_core.hub`).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from metamorph_core.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_directory,
+    check_files,
     load_tensors_strict,
     read_json,
     save_tensors,
@@ -36,7 +43,7 @@ from metamorph_core.checkpoint import (
 )
 from metamorph_core.config import MetaMorphConfig
 from metamorph_core.dtypes import dtype_name, module_dtype, resolve_dtype
-from metamorph_core.errors import CheckpointError
+from metamorph_core.errors import CheckpointError, ComponentNotFoundError
 from metamorph_core.hub import resolve_pretrained, upload_checkpoint
 from metamorph_core.interfaces import CHECKPOINT_DIR, SUBFOLDER
 from metamorph_core.model_card import CARD_NAME, ModelCardData, render_model_card
@@ -81,6 +88,8 @@ def save_model(
             {f"visual_loss_fn.{k}": v for k, v in model.visual_loss_fn.state_dict().items()}
         )
         save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
+        # every file written so far, so that loading names one that has gone missing
+        files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -90,6 +99,7 @@ def save_model(
             "image_start_id": model.backbone.image_start_id,
             "image_end_id": model.backbone.image_end_id,
             "num_image_tokens": model.num_image_tokens,
+            "files": files,
         }
         if card.to_dict():
             meta["card_data"] = card.to_dict()
@@ -168,21 +178,27 @@ def load_model(
         token=token,
         what="checkpoint",
     )
-    meta = read_json(path / CONFIG_NAME)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    meta = read_json(path / CONFIG_NAME, path)
+    _check_format(path, meta)
+    check_files(path, expected=meta.get("files", ()))
+    try:
+        config = MetaMorphConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
         raise CheckpointError(
-            f"{path}: config.json is format {meta.get('format')!r} v{meta.get('format_version')}"
-            f", this metamorph-core reads {FORMAT!r} v{FORMAT_VERSION}"
-        )
-    config = MetaMorphConfig.from_dict(meta["model"])
+            f"checkpoint '{path}'{_written_by(meta)}: the 'model' section of its config.json "
+            f"does not fit this metamorph-core {__version__}: {e}"
+        ) from e
     entries = meta["components"]
     kinds = [k for k in KINDS if k in entries]
-    built = {
-        kind: _load_component(path, kind, entries[kind], dtype)
-        for kind in kinds
-        if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
-    }
-    model = cls.from_config(config, components=built)
+    try:
+        built = {
+            kind: _load_component(path, kind, entries[kind], dtype)
+            for kind in kinds
+            if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
+        }
+        model = cls.from_config(config, components=built)
+    except ComponentNotFoundError as e:
+        raise _not_installed(path, e, entries) from e
     for kind in kinds:  # components kept in model.safetensors come back in their dtype
         if "dtype" in entries[kind]:
             getattr(model, kind).to(resolve_dtype(entries[kind]["dtype"]))
@@ -200,6 +216,73 @@ def load_model(
             )
     model.card_data = _card_data(path, meta.get("card_data"))
     return model
+
+
+def _check_format(path: Path, meta: dict[str, Any]) -> None:
+    """A :class:`CheckpointError` unless ``meta`` (config.json) is a checkpoint of
+    :data:`FORMAT` v:data:`FORMAT_VERSION` with the fields loading reads."""
+    fmt, version = meta.get("format"), meta.get("format_version")
+    if fmt != FORMAT:
+        what = f"format {fmt!r}" if fmt is not None else "no 'format'"
+        if "model_type" in meta:
+            what = f"a transformers model (model_type {meta['model_type']!r})"
+        raise CheckpointError(
+            f"'{path}' is not a MetaMorph checkpoint: its config.json has {what}, not format "
+            f"'{FORMAT}' (what MetaMorphModel.save_pretrained writes); check the path (a "
+            "component's subfolder, such as backbone/, is not a checkpoint: load its parent)"
+        )
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        writer = meta.get("library_version", "a newer version")
+        raise CheckpointError(
+            f"checkpoint '{path}' is format v{version}, written by metamorph-core {writer}; "
+            f"this metamorph-core {__version__} reads format v{FORMAT_VERSION}: upgrade it "
+            "(pip install -U metamorph-core)"
+        )
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint '{path}': config.json has format_version {version!r}, not a version "
+            f"that metamorph-core writes (this {__version__} reads v{FORMAT_VERSION}); it was "
+            "edited or is damaged: restore it, or save or download the checkpoint again"
+        )
+    missing = [
+        k for k in ("model", "components", "image_start_id", "image_end_id") if k not in meta
+    ]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}': config.json lacks {missing}; it was edited or is damaged: "
+            "restore it, or save or download the checkpoint again"
+        )
+
+
+def _written_by(meta: dict[str, Any]) -> str:
+    """``" (written by metamorph-core X)"`` from config.json's library_version, saying to
+    upgrade when X is newer than this one; ``""`` when it is not recorded."""
+    writer = meta.get("library_version")
+    if not isinstance(writer, str):
+        return ""
+    if _release(writer) > _release(__version__):
+        return f" (written by metamorph-core {writer}: upgrade, pip install -U metamorph-core)"
+    return f" (written by metamorph-core {writer})"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string: ``"0.12.1.dev3"`` -> ``(0, 12, 1)``."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in numbers.group().split(".")) if numbers else ()
+
+
+def _not_installed(
+    path: Path, error: ComponentNotFoundError, entries: dict[str, Any]
+) -> CheckpointError:
+    """``error`` (a component that the checkpoint needs is not registered) naming the
+    checkpoint, and the field of config.json that names the component when it is one."""
+    field = ""
+    if error.kind in entries and entries[error.kind].get("name") == error.name:
+        field = f" (config.json: components.{error.kind}.name)"
+    return CheckpointError(
+        f"checkpoint '{path}' needs the {error.kind} '{error.name}'{field}, which is not "
+        f"registered here: {error}"
+    )
 
 
 def _load_component(path: Path, kind: str, entry: dict[str, Any], dtype: str | None) -> nn.Module:
@@ -235,6 +318,13 @@ def _in_checkpoint(path: Path, kind: str, key: str, value: Any) -> Any:
             "checkpoint (move both together), or set "
             f"components.{kind}.load_kwargs.{key} in config.json to its path or Hub id"
         )
+    if target.is_dir() and not target.is_relative_to(path.resolve()):
+        try:  # a directory the checkpoint needs, e.g. a LoRA adapter's base model
+            check_files(target, "model directory")
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"checkpoint '{path}' needs the {kind}'s {key} '{value}': {e}"
+            ) from e
     return str(target)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from metamorph_core.checkpoint import damaged_files, read_json
 from metamorph_core.errors import CheckpointError
 from metamorph_core.hub import resolve_pretrained
 
@@ -110,10 +111,19 @@ def subfolder(root: Path, name: str) -> Path:
 
 
 def read_saved_config(root: Path) -> dict[str, Any]:
+    """The settings a saved decoder recorded in ``root/config.json`` (``{}`` for a plain
+    Stable Diffusion directory, which has none); a damaged file, or a saved decoder without the
+    ``adapter.safetensors`` it recorded, is a :class:`CheckpointError` naming the file."""
     if not root.is_dir():
         raise CheckpointError(f"decoder directory '{root}' does not exist")
     path = root / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    saved = read_json(path, root, "decoder")
+    adapter = root / "adapter.safetensors"
+    if saved.get("weights") and not adapter.is_file():
+        raise damaged_files(root, [(adapter, "is missing")], "decoder")
+    return saved
 
 
 def load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:

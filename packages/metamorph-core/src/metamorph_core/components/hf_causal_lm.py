@@ -96,8 +96,16 @@ class HFCausalLM(Backbone):
                     **_hub_options(pretrained, **hub),
                 )
             except OSError as e:
-                base = "the LoRA adapter's base model " if lora_adapter is not None else ""
-                raise CheckpointError(f"backbone: cannot load {base}'{pretrained}': {e}") from e
+                if lora_adapter is None:
+                    raise CheckpointError(f"backbone: cannot load '{pretrained}': {e}") from e
+                at = f" at revision '{revision}'" if revision else ""
+                raise CheckpointError(
+                    f"backbone: cannot load the LoRA adapter's base model '{pretrained}'{at}: "
+                    f"{e}. A LoRA checkpoint holds the adapter alone and needs its base model: "
+                    "make that loadable (online, or logged in for a private or gated repo), or "
+                    "point to a local copy of it (in a MetaMorph checkpoint: set "
+                    "components.backbone.load_kwargs.pretrained in its config.json)"
+                ) from e
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
             if strict and bad:
                 raise CheckpointError(

@@ -29,6 +29,7 @@ import pluggy
 
 from metamorph_core.errors import ComponentNotFoundError, DuplicateComponentError, PluginLoadError
 from metamorph_core.plugins import hookspecs
+from metamorph_core.plugins.first_party import PROVIDED_BY
 
 _FIELD = re.compile(r"\{(\w+)\}")
 
@@ -91,6 +92,14 @@ def _allowed_plugins() -> set[str] | None:
     if value is None:
         return None
     return {p.strip() for p in value.split(",") if p.strip()}
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib_metadata.distribution(distribution)
+    except importlib_metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _example(name: str) -> str:
@@ -297,8 +306,25 @@ class Registry:
             e.name + (f" (aliases: {', '.join(e.aliases)})" if e.aliases else "")
             for e in self.entries(kind)
         )
-        hint = ""
         allowed = _allowed_plugins()
+        package = PROVIDED_BY.get((kind, name))
+        if package is None:
+            hint = " Install the plugin that provides it or pick a known name."
+        elif not _installed(package):
+            hint = (
+                f" '{name}' comes with the {package} package, which is not installed "
+                f"(pip install {package})."
+            )
+        elif allowed is not None or self._failures:
+            hint = (
+                f" '{name}' comes with the {package} package, which is installed but was not "
+                "loaded:"
+            )
+        else:
+            hint = (
+                f" '{name}' comes with the {package} package, which is installed but did not "
+                f"register it; reinstall it (pip install --force-reinstall {package})."
+            )
         if allowed is not None:
             hint += (
                 f" METAMORPH_LOAD_PLUGINS={os.environ['METAMORPH_LOAD_PLUGINS']!r} limits loading "
@@ -309,8 +335,7 @@ class Registry:
                 f"'{f.plugin}' ({f.distribution}): {f.error}" for f in self._failures
             )
         raise ComponentNotFoundError(
-            f"unknown {kind} '{name}'. Known {kind}s: {known or 'none'}. Install the plugin that "
-            f"provides it or pick a known name.{hint}"
+            f"unknown {kind} '{name}'. Known {kind}s: {known or 'none'}.{hint}", kind, name, package
         )
 
     def create(self, kind: str, name: str, /, **kwargs: Any) -> Any:
