@@ -57,9 +57,21 @@ def register_losses(register: Register) -> None:
 
 @hookimpl
 def register_templates(register: Register) -> None:
+    register(
+        "auto",
+        "metamorph_core.tokenizer_template:AutoTemplate",
+        description="the backbone tokenizer's own chat template, checked for prefix stability",
+    )
     register("llama3", "metamorph_core.conversation:llama3", description="the paper's template")
     register("chatml", "metamorph_core.conversation:chatml", description="Qwen's ChatML")
-    register("plain", "metamorph_core.conversation:plain", description="no roles")
+    register("gemma", "metamorph_core.conversation:gemma", description="Gemma's turns")
+    register("mistral", "metamorph_core.conversation:mistral", description="Mistral v0.3 [INST]")
+    register("phi3", "metamorph_core.conversation:phi3", description="Phi-3's <|user|> turns")
+    register(
+        "plain",
+        "metamorph_core.conversation:plain",
+        description="no roles or turn markers; one-line answers (base models)",
+    )
 
 
 @hookimpl

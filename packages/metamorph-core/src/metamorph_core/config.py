@@ -32,8 +32,11 @@ class MetaMorphConfig:
     """What ``MetaMorphModel.from_config`` assembles.
 
     The defaults are the paper's: projector ``mlp2x_gelu`` (Linear GELU Linear), head ``mlp``
-    (Linear GELU Linear), cosine visual loss with weight 1, the ``llama3`` template. Projector
-    and head dimensions default to the encoder's and backbone's widths.
+    (Linear GELU Linear), cosine visual loss with weight 1. The default template is ``auto``
+    with fallback ``llama3``: the backbone tokenizer's own chat template when it has one, else
+    the paper's ``llama3``. A saved config records its template, so a checkpoint that names
+    ``llama3`` keeps it. Projector and head dimensions default to the encoder's and backbone's
+    widths.
     """
 
     encoder: ComponentSpec
@@ -45,7 +48,9 @@ class MetaMorphConfig:
     visual_loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cosine"))
     visual_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
-    template: ComponentSpec = field(default_factory=lambda: ComponentSpec("llama3"))
+    template: ComponentSpec = field(
+        default_factory=lambda: ComponentSpec("auto", {"fallback": "llama3"})
+    )
     decoder: ComponentSpec | None = None  # a visual decoder turning predicted tokens into pixels
     freeze_encoder: bool = True
     max_length: int | None = None  # None: the backbone's own maximum

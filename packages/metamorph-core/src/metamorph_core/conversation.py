@@ -4,7 +4,9 @@ A :class:`Conversation` is a list of turns whose text holds ``<image>`` wherever
 stands, plus the images in order. An ``<image>`` in an assistant turn is a generation target;
 anywhere else it is context. Templates are registered components (``create("template",
 "llama3")``); :class:`metamorph_core.sequence.SequenceBuilder` renders a conversation turn by
-turn so the label mask never depends on diffing rendered strings.
+turn so the label mask never depends on diffing rendered strings. The named templates here
+spell each family's format out; ``auto`` (:mod:`metamorph_core.tokenizer_template`) renders
+with the backbone tokenizer's own ``chat_template`` instead.
 """
 
 from __future__ import annotations
@@ -115,11 +117,15 @@ class Conversation:
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """How turns are rendered. ``assistant_prefix`` is context; the assistant's content and
-    ``assistant_suffix`` are trained; ``assistant_separator`` follows, untrained.
+    """How turns are rendered. ``assistant_prefix`` is context; ``assistant_content_prefix``,
+    the assistant's content and ``assistant_suffix`` are trained; ``assistant_separator``
+    follows, untrained. Content is written as given (no trimming).
 
     ``bos``: literal text that opens every sequence, ``"<bos>"`` for the tokenizer's own BOS
-    token (if it has one), or ``""``. ``required_tokens`` must each be one token of the tokenizer.
+    token (if it has one), or ``""``. ``system_in_user``: a system turn's text (its prefix,
+    content and suffix) goes inside the next user turn, after ``user_prefix`` (Gemma, Mistral).
+    ``closing``: untrained text that ends a conversation rendered without a generation prompt
+    (Phi-3's EOS). ``required_tokens`` must each be one token of the tokenizer.
     """
 
     name: str
@@ -127,11 +133,14 @@ class ChatTemplate:
     default_system: str | None = None
     system_prefix: str = ""
     system_suffix: str = ""
+    system_in_user: bool = False
     user_prefix: str = ""
     user_suffix: str = ""
     assistant_prefix: str = ""
+    assistant_content_prefix: str = ""
     assistant_suffix: str = ""
     assistant_separator: str = ""
+    closing: str = ""
     stop: tuple[str, ...] = ()
     required_tokens: tuple[str, ...] = ()
 
@@ -149,20 +158,39 @@ class ChatTemplate:
         turns = list(conversation.turns)
         if self.default_system is not None and (not turns or turns[0].role != "system"):
             turns.insert(0, Turn("system", self.default_system))
+        waiting = ""  # system text that goes inside the next user turn (system_in_user)
         for turn in turns:
             if turn.role == "system":
-                out.append((self.system_prefix + turn.content + self.system_suffix, False))
+                text = self.system_prefix + turn.content + self.system_suffix
+                if self.system_in_user:
+                    waiting += text
+                else:
+                    out.append((text, False))
             elif turn.role == "user":
-                out.append((self.user_prefix + turn.content + self.user_suffix, False))
+                out.append((self.user_prefix + waiting + turn.content + self.user_suffix, False))
+                waiting = ""
             else:
+                if waiting:
+                    raise self._lone_system(conversation)
                 out += [
                     (self.assistant_prefix, False),
-                    (turn.content + self.assistant_suffix, True),
+                    (self.assistant_content_prefix + turn.content + self.assistant_suffix, True),
                 ]
                 out.append((self.assistant_separator, False))
+        if waiting:
+            raise self._lone_system(conversation)
         if add_generation_prompt:
             out.append((self.assistant_prefix, False))
+        elif self.closing:
+            out.append((self.closing, False))
         return [(text, trained) for text, trained in out if text]
+
+    def _lone_system(self, conversation: Conversation) -> ConversationError:
+        return ConversationError(
+            f"sample {conversation.id!r}: template '{self.name}' writes a system turn inside the "
+            "next user turn, and this system turn has no user turn right after it; follow it "
+            "with a user turn or use another template"
+        )
 
     def with_options(self, **overrides: Any) -> ChatTemplate:
         return dataclasses.replace(self, **overrides)
@@ -198,7 +226,60 @@ CHATML = ChatTemplate(
     required_tokens=("<|im_start|>", "<|im_end|>"),
 )
 
-# No roles: prompt text, then the trained answer ending in a newline (LLaVA's "plain").
+# Gemma (1, 2 and 3): the assistant's role is "model"; Gemma 3 writes a system turn at the top
+# of the first user turn (Gemma 1 and 2 refuse system turns).
+GEMMA = ChatTemplate(
+    name="gemma",
+    bos="<bos>",
+    system_suffix="\n\n",
+    system_in_user=True,
+    user_prefix="<start_of_turn>user\n",
+    user_suffix="<end_of_turn>\n",
+    assistant_prefix="<start_of_turn>model\n",
+    assistant_suffix="<end_of_turn>",
+    assistant_separator="\n",
+    stop=("<end_of_turn>",),
+    required_tokens=("<start_of_turn>", "<end_of_turn>"),
+)
+
+# Mistral v0.3 and later (control tokens [INST] and [/INST]): "[INST] question[/INST] answer</s>".
+# The space before the answer is trained with it (tokenisers merge it into its first token). A
+# system turn opens the first user turn, as v0.1-v0.2 wrote it: v0.3's own template puts it in
+# the last user turn, and only when the conversation ends there, so it re-renders history.
+MISTRAL = ChatTemplate(
+    name="mistral",
+    bos="<bos>",
+    system_suffix="\n\n",
+    system_in_user=True,
+    user_prefix="[INST] ",
+    user_suffix="[/INST]",
+    assistant_content_prefix=" ",
+    assistant_suffix="</s>",
+    stop=("</s>",),
+    required_tokens=("[INST]", "[/INST]", "</s>"),
+)
+
+# Phi-3 and Phi-3.5 (mini): "<|role|>\ntext<|end|>\n"; a conversation rendered without a
+# generation prompt ends with <|endoftext|>, untrained.
+PHI3 = ChatTemplate(
+    name="phi3",
+    system_prefix="<|system|>\n",
+    system_suffix="<|end|>\n",
+    user_prefix="<|user|>\n",
+    user_suffix="<|end|>\n",
+    assistant_prefix="<|assistant|>\n",
+    assistant_suffix="<|end|>",
+    assistant_separator="\n",
+    closing="<|endoftext|>",
+    stop=("<|end|>",),
+    required_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
+)
+
+# LLaVA's "plain", for base models (alignment, captioning): the tokenizer's BOS, then each turn's
+# text as it is, user turns and answers each ending in a newline. It drops what a chat template
+# adds: roles and turn markers (who said what is lost in multi-turn conversations), the boundary
+# between a system turn and the user text after it (written straight on), and end-of-turn
+# tokens: an answer ends at its newline, the stop string, so answers must be one line.
 PLAIN = ChatTemplate(
     name="plain", bos="<bos>", user_suffix="\n", assistant_suffix="\n", stop=("\n",)
 )
@@ -213,4 +294,7 @@ def _factory(template: ChatTemplate):  # noqa: ANN202
 
 llama3 = _factory(LLAMA3)
 chatml = _factory(CHATML)
+gemma = _factory(GEMMA)
+mistral = _factory(MISTRAL)
+phi3 = _factory(PHI3)
 plain = _factory(PLAIN)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from metamorph_core.conversation import IMAGE_PLACEHOLDER, ChatTemplate, Conversation
 from metamorph_core.errors import ConversationError
+from metamorph_core.tokenizer_template import AutoTemplate, TokenizerChatTemplate, tokenizer_name
 
 IGNORE_INDEX = -100
 logger = logging.getLogger("metamorph")
@@ -45,6 +47,10 @@ class EncodedSample:
 class SequenceBuilder:
     """Renders conversations with a template and the backbone's tokenizer.
 
+    ``template``: a named :class:`ChatTemplate`, rendered piece by piece, or ``auto``, which
+    renders with the tokenizer's own chat template (:mod:`metamorph_core.tokenizer_template`);
+    ``self.template`` is then what ``auto`` chose for this tokenizer.
+
     ``max_length``: longest sequence allowed. Longer ones raise, unless ``truncation`` is set:
     then the sequence is cut at ``max_length`` or, if that falls inside an image, just before
     that image's ``<image_start>``; cut images are dropped and counted on the sample.
@@ -53,7 +59,7 @@ class SequenceBuilder:
     def __init__(
         self,
         tokenizer: Any,
-        template: ChatTemplate,
+        template: ChatTemplate | AutoTemplate,
         num_image_tokens: int,
         image_start_id: int,
         image_end_id: int,
@@ -61,23 +67,30 @@ class SequenceBuilder:
         truncation: bool = False,
         pad_id: int = 0,
     ) -> None:
-        self.tokenizer, self.template = tokenizer, template
+        self.tokenizer = tokenizer
+        self.template: ChatTemplate | TokenizerChatTemplate = (
+            template.for_tokenizer(tokenizer) if isinstance(template, AutoTemplate) else template
+        )
         self.num_image_tokens = num_image_tokens
         self.image_start_id, self.image_end_id = image_start_id, image_end_id
         self.max_length, self.truncation, self.pad_id = max_length, truncation, pad_id
-        self._check_template()
+        self._check_template(template.name)
         # Template pieces repeat in every sample; a bounded cache keeps memory flat over corpora.
         self._tokenize = functools.lru_cache(maxsize=4096)(self._tokenize_uncached)
 
-    def _check_template(self) -> None:
+    def _check_template(self, requested: str) -> None:
         vocab = self.tokenizer.get_vocab()
-        name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+        name = tokenizer_name(self.tokenizer)
         missing = [t for t in self.template.required_tokens if t not in vocab]
         if missing:
+            chosen = f"template '{self.template.name}'"
+            if requested != self.template.name:
+                chosen += f" (what '{requested}' uses when the tokenizer has no chat template)"
             raise ConversationError(
-                f"template '{self.template.name}' needs the tokens {missing}, which tokenizer "
-                f"'{name}' lacks; pick a template that matches the backbone (llama3 for Llama 3, "
-                "chatml for Qwen, plain for anything)"
+                f"{chosen} needs the tokens {missing}, which tokenizer '{name}' lacks; pick a "
+                "template that matches the backbone (auto when its tokenizer has a chat "
+                "template, llama3 for Llama 3, chatml for Qwen, gemma, mistral, phi3, plain for "
+                "anything)"
             )
         for literal in ("<image_start>", "<image_end>"):
             if literal not in vocab:
@@ -97,12 +110,16 @@ class SequenceBuilder:
         return list(self._tokens(text))
 
     def _tokenize_uncached(self, text: str) -> tuple[int, ...]:
+        self._refuse_wrap_tokens(text)
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _refuse_wrap_tokens(text: str) -> None:
         if "<image_start>" in text or "<image_end>" in text:
             raise ConversationError(
                 f"text contains a literal <image_start>/<image_end>: {text[:80]!r}. Write "
                 f"'{IMAGE_PLACEHOLDER}' where an image stands; the builder wraps every image."
             )
-        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(
         self, conversation: Conversation, add_generation_prompt: bool = False
@@ -118,21 +135,19 @@ class SequenceBuilder:
         labels: list[int] = []
         slots: list[int] = []
         targets: list[bool] = []
-        for text, trained in self.template.pieces(conversation, add_generation_prompt):
-            for j, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-                if j > 0:  # an image stands before this chunk
-                    ids.append(self.image_start_id)
-                    labels.append(self.image_start_id if trained else IGNORE_INDEX)
-                    slots.append(len(ids))
-                    targets.append(trained)
-                    ids += [self.pad_id] * self.num_image_tokens
-                    labels += [IGNORE_INDEX] * self.num_image_tokens
-                    ids.append(self.image_end_id)
-                    labels.append(self.image_end_id if trained else IGNORE_INDEX)
-                if chunk:
-                    toks = self._tokens(chunk)
-                    ids += toks
-                    labels += toks if trained else (IGNORE_INDEX,) * len(toks)
+        for toks, trained in self._runs(conversation, add_generation_prompt):
+            if toks is None:  # an image
+                ids.append(self.image_start_id)
+                labels.append(self.image_start_id if trained else IGNORE_INDEX)
+                slots.append(len(ids))
+                targets.append(trained)
+                ids += [self.pad_id] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                ids.append(self.image_end_id)
+                labels.append(self.image_end_id if trained else IGNORE_INDEX)
+            else:
+                ids += toks
+                labels += toks if trained else (IGNORE_INDEX,) * len(toks)
         sample = EncodedSample(
             ids,
             labels,
@@ -167,6 +182,22 @@ class SequenceBuilder:
                 sample.dropped_images,
             )
         return sample
+
+    def _runs(
+        self, conversation: Conversation, add_generation_prompt: bool
+    ) -> Iterator[tuple[Sequence[int] | None, bool]]:
+        """``(ids, trained)`` runs of the rendered conversation; ``None`` for an image."""
+        if isinstance(self.template, TokenizerChatTemplate):
+            for turn in conversation.turns:
+                self._refuse_wrap_tokens(turn.content)
+            yield from self.template.encode(conversation, add_generation_prompt)
+            return
+        for text, trained in self.template.pieces(conversation, add_generation_prompt):
+            for j, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if j > 0:  # an image stands before this chunk
+                    yield None, trained
+                if chunk:
+                    yield self._tokens(chunk), trained
 
     def _truncate(self, s: EncodedSample) -> EncodedSample:
         assert self.max_length is not None

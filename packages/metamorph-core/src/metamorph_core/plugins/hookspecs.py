@@ -96,7 +96,9 @@ def register_tasks(register: Register) -> None:
 
 @hookspec
 def register_templates(register: Register) -> None:
-    """Register conversation templates (:class:`metamorph_core.conversation.ChatTemplate`)."""
+    """Register conversation templates: a :class:`metamorph_core.conversation.ChatTemplate`,
+    or a factory building one for the backbone's tokenizer (as ``auto`` does, see
+    :mod:`metamorph_core.tokenizer_template`)."""
 
 
 @hookspec
