@@ -1,3 +1,3 @@
-"""MetaMorph vision encoders (SigLIP, CLIP, timm ViTs). Components arrive with issue #3."""
+"""MetaMorph vision encoders (SigLIP, CLIP, timm ViTs and CNNs). Components arrive with issue #3."""
 
 __version__ = "0.1.0"

@@ -20,5 +20,5 @@ def register_encoders(register: Register) -> None:
     register(
         "timm",
         "metamorph_encoders.timm_encoder:TimmEncoder",
-        description="any timm ViT by name (incl. *_siglip_*); local weights as safetensors",
+        description="any timm ViT (incl. *_siglip_*) or CNN (its feature maps); safetensors weights",
     )

@@ -1,13 +1,33 @@
-"""``timm``: any timm ViT by name (including the ``*_siglip_*`` family) as a MetaMorph encoder.
+"""``timm``: a timm model by name as a MetaMorph encoder: any ViT (including the ``*_siglip_*``
+family) or any model whose feature stages are spatial maps (ConvNeXt, EfficientNet, MobileNet,
+ResNet, RegNet, ...).
 
 ``pretrained``: ``False`` (random init), ``True`` (timm's own pretrained weights, which timm
-downloads), or a path to a ``.safetensors`` file or a directory holding ``model.safetensors``
-(only safetensors: nothing is unpickled). ``model_kwargs`` go to ``timm.create_model`` (e.g.
-``img_size``, ``depth`` for a small random model). Preprocessing comes from timm's data config.
+fetches from the Hub or its cache), or a path to a ``.safetensors`` file or a directory holding
+``model.safetensors`` (only safetensors: nothing is unpickled). ``model_kwargs`` go to
+``timm.create_model`` (e.g. ``img_size``, ``depth`` for a small random ViT). Preprocessing comes
+from timm's data config, at the size the model is built for.
+
+``layer`` depends on the model's layout:
+
+- ViTs (``patch_embed``, ``blocks`` and prefix tokens): a hidden state as for every encoder
+  (``i`` = output of block ``i``, ``-1`` the last block, before the final norm).
+- Every other model is read through timm's feature-extraction API (``forward_intermediates``,
+  whose stages are the model's ``feature_info`` levels): ``i`` = the ``(b, c, h, w)`` map of
+  stage ``i`` (1-based: ``1`` is ``feature_info[0]``, the stem for ResNets; ``-1`` the last
+  stage, ``-2`` the one before), before any final norm, head convolution or pooling.
+  ``hidden_size`` is that stage's ``c``; its ``h x w`` grid (measured once when the encoder is
+  built; square or not) is flattened row by row into ``h*w`` tokens, which ``reduction`` and
+  ``num_tokens`` treat as a ViT's patch grid (``interpolate`` and ``avgpool`` resample it to a
+  square ``num_tokens``, ``none`` keeps ``h*w``). The input size is the data config's:
+  ``model_kwargs={"pretrained_cfg_overlay": {"input_size": (3, h, w)}}`` changes it (and timm
+  builds a model made for one size, such as a Swin, for it), as does ``img_size``; or pass
+  ``image_transform``.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +62,9 @@ class TimmEncoder(GridEncoder):
         super().__init__()
         import timm
 
-        if not timm.is_model(model_name) and not model_name.startswith(("hf-hub:", "hf_hub:")):
-            known = timm.list_models("vit_*")[:12]
+        hub_name = model_name.startswith(("hf-hub:", "hf_hub:"))
+        if not timm.is_model(model_name) and not hub_name:
+            known = timm.list_models("vit_*")[:6] + timm.list_models("convnext_*")[:6]
             raise ValueError(
                 f"encoder 'timm': unknown model '{model_name}'; see timm.list_models(), e.g. {known}"
             )
@@ -51,29 +72,60 @@ class TimmEncoder(GridEncoder):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.model = timm.create_model(
-                model_name, pretrained=pretrained is True, num_classes=0, **self.model_kwargs
-            )
-        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "blocks"):
+            try:
+                self.model = timm.create_model(
+                    model_name, pretrained=pretrained is True, num_classes=0, **self.model_kwargs
+                )
+            except OSError as e:  # the Hub or a URL could not be reached, or is not cached
+                if pretrained is not True and not hub_name:
+                    raise
+                raise CheckpointError(_fetch_failed(model_name, e)) from e
+        if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(
-                f"encoder 'timm': '{model_name}' is not a ViT with forward_intermediates"
+                f"encoder 'timm': '{model_name}' ({type(self.model).__name__}) has no "
+                "forward_intermediates, timm's feature-extraction API through which this encoder "
+                "reads feature maps; pick a model that has it (timm's own models do) or add it"
             )
         if isinstance(pretrained, (str, Path)):
             self._load_weights(Path(pretrained))
         self.model.to(resolve_dtype(dtype))
+        self.is_vit = _is_token_vit(self.model)
         if image_transform is not None:
             transform = ImageTransform.from_dict(image_transform)
         else:
             data_config = timm.data.resolve_model_data_config(self.model)
             # the pretrained config names the preset's size; the model may be built for another
-            data_config["input_size"] = (3, *self.model.patch_embed.img_size)
+            if self.is_vit:
+                data_config["input_size"] = (3, *self.model.patch_embed.img_size)
+            elif "img_size" in self.model_kwargs:
+                size = self.model_kwargs["img_size"]
+                data_config["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
             transform = ImageTransform.from_timm(data_config)
-        grid = tuple(self.model.patch_embed.dynamic_feat_size(transform.size))
+        if self.is_vit:
+            num_layers = len(self.model.blocks)
+            grid = tuple(self.model.patch_embed.dynamic_feat_size(transform.size))
+            hidden_size, num_prefix_tokens = self.model.embed_dim, self.model.num_prefix_tokens
+        else:
+            if not drop_prefix_tokens:
+                raise ValueError(
+                    f"encoder 'timm': '{model_name}' is read as feature maps, which carry no "
+                    "prefix (class/register) tokens; drop_prefix_tokens=False needs a ViT"
+                )
+            num_layers = len(getattr(self.model, "feature_info", None) or [])
+            if not 1 <= abs(layer) <= num_layers:
+                raise ValueError(
+                    f"encoder 'timm': layer {layer} is out of range; '{model_name}' has "
+                    f"{num_layers} feature stages, so layer must be in 1..{num_layers} or "
+                    f"-{num_layers}..-1 (-1 is the last stage)"
+                )
+            self.stage = layer - 1 if layer > 0 else num_layers + layer  # into feature_info
+            hidden_size, *grid = self._probe(transform.size).shape[1:]
+            num_prefix_tokens = 0
         self._setup(
-            num_layers=len(self.model.blocks),
-            hidden_size=self.model.embed_dim,
-            grid=grid,
-            num_prefix_tokens=self.model.num_prefix_tokens,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            grid=tuple(grid),
+            num_prefix_tokens=num_prefix_tokens,
             transform=transform,
             layer=layer,
             num_tokens=num_tokens,
@@ -85,12 +137,47 @@ class TimmEncoder(GridEncoder):
             dtype=dtype,
             name="timm",
         )
-        if layer == 0 or layer == -(len(self.model.blocks) + 1):
-            n = len(self.model.blocks)
+        if self.is_vit and (layer == 0 or layer == -(num_layers + 1)):
             raise ValueError(
                 f"encoder 'timm': layer {layer} (the embeddings) is not available from timm; "
-                f"use a block output: 1..{n} or -{n}..-1"
+                f"use a block output: 1..{num_layers} or -{num_layers}..-1"
             )
+
+    def _probe(self, size: tuple[int, int]) -> torch.Tensor:
+        """The chosen stage's map for one blank image: ``(1, c, h, w)``."""
+        was_training = self.model.training
+        param = next(self.model.parameters())
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self._stage_map(torch.zeros(1, 3, *size, dtype=param.dtype))
+        except Exception as e:  # noqa: BLE001 - any failure means: no map to read
+            raise ValueError(
+                f"encoder 'timm': '{self.model_name}' gave no (b, c, h, w) feature map at stage "
+                f"{self.stage + 1} for {size[0]}x{size[1]} images ({type(e).__name__}: {e}); "
+                "this encoder needs a ViT or a model whose forward_intermediates yields spatial "
+                "maps; pick another model, layer or input size"
+            ) from e
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"encoder 'timm': '{self.model_name}' gives {got} at stage {self.stage + 1}, not "
+                "a (b, c, h, w) feature map; this encoder needs a ViT or a model whose "
+                "forward_intermediates yields spatial maps; pick another model"
+            )
+        return out
+
+    def _stage_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_intermediates(
+            pixel_values,
+            indices=[self.stage],
+            norm=False,
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )[0]
 
     def _load_weights(self, path: Path) -> None:
         file = path / WEIGHTS if path.is_dir() else path
@@ -105,22 +192,27 @@ class TimmEncoder(GridEncoder):
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing:
             raise CheckpointError(f"encoder 'timm': '{file}' lacks weights {sorted(missing)[:8]}")
-        if unexpected and any(not k.startswith("head") for k in unexpected):
+        classifier = getattr(self.model, "pretrained_cfg", {}).get("classifier") or ()
+        heads = ("head", *((classifier,) if isinstance(classifier, str) else classifier))
+        if unexpected and any(not k.startswith(heads) for k in unexpected):
             raise CheckpointError(
                 f"encoder 'timm': '{file}' has weights this '{self.model_name}' does not: "
-                f"{sorted(unexpected)[:8]}"
+                f"{sorted(k for k in unexpected if not k.startswith(heads))[:8]}"
             )
 
     def _layer_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
+        if not self.is_vit:
+            return self._stage_map(pixel_values).flatten(2).transpose(1, 2)  # b (h w) c
         block = self.layer - 1 if self.layer > 0 else len(self.model.blocks) + self.layer
         out = self.model.forward_intermediates(
-            pixel_values.to(next(self.model.parameters()).dtype),
+            pixel_values,
             indices=[block],
             norm=False,
             stop_early=True,
             output_fmt="NLC",
             intermediates_only=True,
-            return_prefix_tokens=True,
+            return_prefix_tokens=self.num_prefix_tokens > 0,
         )[0]
         if isinstance(out, tuple):  # (spatial, prefix)
             return torch.cat([out[1], out[0]], dim=1)
@@ -136,3 +228,34 @@ class TimmEncoder(GridEncoder):
             "model_kwargs": self.model_kwargs,
             **self.reload_kwargs(),
         }
+
+
+def _is_token_vit(model: torch.nn.Module) -> bool:
+    """A ViT whose blocks carry ``prefix + patch`` tokens that ``forward_intermediates`` returns
+    (timm's VisionTransformer, Eva, Beit, ...)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    intermediates = inspect.signature(model.forward_intermediates).parameters
+    return (
+        "return_prefix_tokens" in intermediates
+        and hasattr(model, "blocks")
+        and hasattr(model, "num_prefix_tokens")
+        and hasattr(model, "embed_dim")
+        and hasattr(patch_embed, "img_size")
+        and hasattr(patch_embed, "dynamic_feat_size")
+    )
+
+
+def _fetch_failed(model_name: str, error: OSError) -> str:
+    import timm
+
+    try:
+        repo = timm.models.get_pretrained_cfg_value(model_name, "hf_hub_id")
+    except RuntimeError:  # an unknown pretrained tag
+        repo = None
+    source = f" (its Hub repo '{repo}' holds model.safetensors)" if repo else ""
+    return (
+        f"encoder 'timm': cannot fetch '{model_name}' from the Hub or timm's URL "
+        f"({type(error).__name__}: {error}); on a machine without network, copy the weights "
+        f"as a .safetensors file{source} and pass pretrained='path/to/model.safetensors' "
+        "with the same model_name, or put them in the Hub cache and set HF_HUB_OFFLINE=1"
+    )
