@@ -356,7 +356,7 @@ def main() -> int:
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     if args.smoke:
-        args.repeats, args.soak_s = 1, min(args.soak_s, 10.0)
+        args.repeats, args.soak_s = 1, min(args.soak_s, 3.0)
     suite = Suite("serve", command_line("bench_serve.py"), wait=not args.no_wait)
     with tempfile.TemporaryDirectory(prefix="metamorph-bench-serve-") as tmp:
         checkpoint = save_checkpoint(Path(tmp), args.smoke)
