@@ -133,10 +133,14 @@ class GridEncoder(VisionEncoder):
                 )
             if self.drop_prefix_tokens:
                 x = reduce_grid(x[:, prefix:], self.grid, self.num_tokens, self.reduction)
-            x = x.float()
-            if self.center is not None:
-                x = x - self.token_mean
-            return F.normalize(x, p=2, dim=-1) if self.normalize else x
+            return self._finish(x)
+
+    def _finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Reduced tokens ``(b, num_tokens, c)`` -> float32, centred and L2-normalised as set."""
+        x = tokens.float()
+        if self.center is not None:
+            x = x - self.token_mean
+        return F.normalize(x, p=2, dim=-1) if self.normalize else x
 
     def reload_kwargs(self) -> dict[str, Any]:
         """Options that rebuild this encoder, as it is now, around weights saved next to them."""

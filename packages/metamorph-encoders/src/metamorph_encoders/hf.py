@@ -79,7 +79,7 @@ class HFVisionEncoder(GridEncoder):
                 cfg = getattr(transformers, self.config_class).from_pretrained(
                     str(pretrained), **self.load_overrides
                 )
-                if not cfg.model_type.startswith(self.family):
+                if cfg.model_type not in (self.family, f"{self.family}_vision_model"):
                     raise CheckpointError(
                         f"encoder '{self.family}': '{pretrained}' holds a '{cfg.model_type}' "
                         f"model, not {self.family}; use the encoder made for it"
@@ -114,10 +114,11 @@ class HFVisionEncoder(GridEncoder):
             transform = ImageTransform.from_dict(image_transform)
         else:
             transform = self._transform_for(pretrained, cfg)
-        if self.fixed_resolution and transform.size != (cfg.image_size, cfg.image_size):
+        native = self._native_size(cfg)
+        if self.fixed_resolution and transform.size != native:
             raise ValueError(
                 f"encoder '{self.family}': preprocessing gives {transform.size} images but the "
-                f"model was trained at {cfg.image_size}x{cfg.image_size}"
+                f"model was trained at {native[0]}x{native[1]}"
             )
         grid = (transform.size[0] // cfg.patch_size, transform.size[1] // cfg.patch_size)
         self._setup(
@@ -136,6 +137,10 @@ class HFVisionEncoder(GridEncoder):
             dtype=dtype,
             name=self.family,
         )
+
+    def _native_size(self, cfg: Any) -> tuple[int, int]:
+        """``(h, w)`` of the images the model was trained at."""
+        return (cfg.image_size, cfg.image_size)
 
     def _num_prefix_tokens(self, cfg: Any) -> int:
         """Tokens before the patch grid at every layer (class, registers)."""
@@ -156,9 +161,8 @@ class HFVisionEncoder(GridEncoder):
                     pretrained,
                     e,
                 )
-        s = cfg.image_size
         return ImageTransform(
-            size=(s, s),
+            size=self._native_size(cfg),
             mean=self.default_mean,
             std=self.default_std,
             interpolation=self.default_interpolation,

@@ -13,6 +13,11 @@ def register_encoders(register: Register) -> None:
         description="transformers SigLIP vision tower; hidden_states[-1], 64 tokens (paper)",
     )
     register(
+        "siglip2",
+        "metamorph_encoders.siglip2:Siglip2Encoder",
+        description="transformers SigLIP 2 vision tower; square images, or NaFlex (aspect kept)",
+    )
+    register(
         "clip",
         "metamorph_encoders.hf:ClipEncoder",
         description="transformers CLIP vision tower; hidden_states[-2], class token dropped",

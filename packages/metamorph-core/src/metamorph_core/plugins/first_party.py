@@ -10,6 +10,7 @@ from __future__ import annotations
 #: (kind, name) -> the distribution that registers it
 PROVIDED_BY: dict[tuple[str, str], str] = {
     ("encoder", "siglip"): "metamorph-encoders",
+    ("encoder", "siglip2"): "metamorph-encoders",
     ("encoder", "clip"): "metamorph-encoders",
     ("encoder", "timm"): "metamorph-encoders",
     ("decoder", "sd-unet"): "metamorph-decoders",
