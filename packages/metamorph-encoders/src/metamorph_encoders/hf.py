@@ -79,7 +79,7 @@ class HFVisionEncoder(GridEncoder):
                 cfg = getattr(transformers, self.config_class).from_pretrained(
                     str(pretrained), **self.load_overrides
                 )
-                if cfg.model_type not in (self.family, f"{self.family}_vision_model"):
+                if not self._reads(cfg.model_type):
                     raise CheckpointError(
                         f"encoder '{self.family}': '{pretrained}' holds a '{cfg.model_type}' "
                         f"model, not {self.family}; use the encoder made for it"
@@ -138,6 +138,12 @@ class HFVisionEncoder(GridEncoder):
             name=self.family,
         )
 
+    def _reads(self, model_type: str) -> bool:
+        """Whether a checkpoint of ``model_type`` is this family's: its name starts with the
+        family's (``siglip_vision_model``, ``dinov2_with_registers`` ...; a family refines
+        what it refuses, or the family's own check of the config follows)."""
+        return model_type.startswith(self.family)
+
     def _native_size(self, cfg: Any) -> tuple[int, int]:
         """``(h, w)`` of the images the model was trained at."""
         return (cfg.image_size, cfg.image_size)
@@ -179,6 +185,10 @@ class HFVisionEncoder(GridEncoder):
 
 class SiglipEncoder(HFVisionEncoder):
     family = "siglip"
+
+    def _reads(self, model_type: str) -> bool:
+        return super()._reads(model_type) and not model_type.startswith("siglip2")  # its own
+
     model_class = "SiglipVisionModel"
     config_class = "SiglipVisionConfig"
     default_interpolation = "bicubic"
