@@ -1,3 +1,4 @@
-"""MetaMorph vision encoders (SigLIP, CLIP, timm ViTs and CNNs). Components arrive with issue #3."""
+"""MetaMorph vision encoders: SigLIP, SigLIP 2, CLIP and timm (ViTs and CNNs), registered as
+plugins of kind ``encoder``; token reduction and encoder pretraining."""
 
 __version__ = "0.1.0"
