@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from metamorph_core.dtypes import resolve_dtype
 from metamorph_core.errors import CheckpointError
 from metamorph_encoders.base import GridEncoder
+from metamorph_encoders.feature_maps import map_stage, map_tokens, probe_map
 from metamorph_encoders.transforms import ImageTransform
 
 WEIGHTS = "model.safetensors"
@@ -89,43 +90,31 @@ class TimmEncoder(GridEncoder):
         if isinstance(pretrained, (str, Path)):
             self._load_weights(Path(pretrained))
         self.model.to(resolve_dtype(dtype))
-        self.is_vit = _is_token_vit(self.model)
+        is_vit = _is_token_vit(self.model)
         if image_transform is not None:
             transform = ImageTransform.from_dict(image_transform)
         else:
             data_config = timm.data.resolve_model_data_config(self.model)
             # the pretrained config names the preset's size; the model may be built for another
-            if self.is_vit:
+            if is_vit:
                 data_config["input_size"] = (3, *self.model.patch_embed.img_size)
             elif "img_size" in self.model_kwargs:
                 size = self.model_kwargs["img_size"]
                 data_config["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
             transform = ImageTransform.from_timm(data_config)
-        if self.is_vit:
-            num_layers = len(self.model.blocks)
-            grid = tuple(self.model.patch_embed.dynamic_feat_size(transform.size))
-            hidden_size, num_prefix_tokens = self.model.embed_dim, self.model.num_prefix_tokens
-        else:
-            if not drop_prefix_tokens:
-                raise ValueError(
-                    f"encoder 'timm': '{model_name}' is read as feature maps, which carry no "
-                    "prefix (class/register) tokens; drop_prefix_tokens=False needs a ViT"
-                )
-            num_layers = len(getattr(self.model, "feature_info", None) or [])
-            if not 1 <= abs(layer) <= num_layers:
-                raise ValueError(
-                    f"encoder 'timm': layer {layer} is out of range; '{model_name}' has "
-                    f"{num_layers} feature stages, so layer must be in 1..{num_layers} or "
-                    f"-{num_layers}..-1 (-1 is the last stage)"
-                )
-            self.stage = layer - 1 if layer > 0 else num_layers + layer  # into feature_info
-            hidden_size, *grid = self._probe(transform.size).shape[1:]
-            num_prefix_tokens = 0
+        self.reader = TimmTokens(
+            self.model,
+            layer,
+            transform.size,
+            drop_prefix_tokens=drop_prefix_tokens,
+            name="timm",
+            model_name=model_name,
+        )
         self._setup(
-            num_layers=num_layers,
-            hidden_size=hidden_size,
-            grid=tuple(grid),
-            num_prefix_tokens=num_prefix_tokens,
+            num_layers=self.reader.num_layers,
+            hidden_size=self.reader.hidden_size,
+            grid=self.reader.grid,
+            num_prefix_tokens=self.reader.num_prefix_tokens,
             transform=transform,
             layer=layer,
             num_tokens=num_tokens,
@@ -137,47 +126,6 @@ class TimmEncoder(GridEncoder):
             dtype=dtype,
             name="timm",
         )
-        if self.is_vit and (layer == 0 or layer == -(num_layers + 1)):
-            raise ValueError(
-                f"encoder 'timm': layer {layer} (the embeddings) is not available from timm; "
-                f"use a block output: 1..{num_layers} or -{num_layers}..-1"
-            )
-
-    def _probe(self, size: tuple[int, int]) -> torch.Tensor:
-        """The chosen stage's map for one blank image: ``(1, c, h, w)``."""
-        was_training = self.model.training
-        param = next(self.model.parameters())
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                out = self._stage_map(torch.zeros(1, 3, *size, dtype=param.dtype))
-        except Exception as e:  # noqa: BLE001 - any failure means: no map to read
-            raise ValueError(
-                f"encoder 'timm': '{self.model_name}' gave no (b, c, h, w) feature map at stage "
-                f"{self.stage + 1} for {size[0]}x{size[1]} images ({type(e).__name__}: {e}); "
-                "this encoder needs a ViT or a model whose forward_intermediates yields spatial "
-                "maps; pick another model, layer or input size"
-            ) from e
-        finally:
-            self.model.train(was_training)
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(
-                f"encoder 'timm': '{self.model_name}' gives {got} at stage {self.stage + 1}, not "
-                "a (b, c, h, w) feature map; this encoder needs a ViT or a model whose "
-                "forward_intermediates yields spatial maps; pick another model"
-            )
-        return out
-
-    def _stage_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_intermediates(
-            pixel_values,
-            indices=[self.stage],
-            norm=False,
-            stop_early=True,
-            output_fmt="NCHW",
-            intermediates_only=True,
-        )[0]
 
     def _load_weights(self, path: Path) -> None:
         file = path / WEIGHTS if path.is_dir() else path
@@ -202,21 +150,7 @@ class TimmEncoder(GridEncoder):
 
     def _layer_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
-        if not self.is_vit:
-            return self._stage_map(pixel_values).flatten(2).transpose(1, 2)  # b (h w) c
-        block = self.layer - 1 if self.layer > 0 else len(self.model.blocks) + self.layer
-        out = self.model.forward_intermediates(
-            pixel_values,
-            indices=[block],
-            norm=False,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-            return_prefix_tokens=self.num_prefix_tokens > 0,
-        )[0]
-        if isinstance(out, tuple):  # (spatial, prefix)
-            return torch.cat([out[1], out[0]], dim=1)
-        return out
+        return self.reader(self.model, pixel_values)
 
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         save_file(
@@ -228,6 +162,81 @@ class TimmEncoder(GridEncoder):
             "model_kwargs": self.model_kwargs,
             **self.reload_kwargs(),
         }
+
+
+class TimmTokens:
+    """How the tokens of a timm model at ``layer`` are read (see the module docstring): a ViT's
+    block output (``prefix + h*w`` tokens) or a feature stage's map flattened row by row. Its
+    ``num_layers``, ``hidden_size``, ``grid`` and ``num_prefix_tokens`` are what
+    :meth:`~metamorph_encoders.base.GridEncoder._setup` takes; calling it with the model and
+    ``(b, 3, h, w)`` pixels gives ``(b, prefix + h*w, c)``. ``size``: the input images'."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layer: int,
+        size: tuple[int, int],
+        *,
+        drop_prefix_tokens: bool,
+        name: str,
+        model_name: str,
+    ) -> None:
+        self.is_vit = _is_token_vit(model)
+        if self.is_vit:
+            self.num_layers = len(model.blocks)
+            if layer == 0 or layer == -(self.num_layers + 1):
+                raise ValueError(
+                    f"encoder '{name}': layer {layer} (the embeddings) is not available from "
+                    f"timm; use a block output: 1..{self.num_layers} or -{self.num_layers}..-1"
+                )
+            self.block = layer - 1 if layer > 0 else self.num_layers + layer
+            self.grid = tuple(model.patch_embed.dynamic_feat_size(size))
+            self.hidden_size, self.num_prefix_tokens = model.embed_dim, model.num_prefix_tokens
+        else:
+            self.num_layers = len(getattr(model, "feature_info", None) or [])
+            self.stage = map_stage(
+                layer,
+                self.num_layers,
+                drop_prefix_tokens=drop_prefix_tokens,
+                name=name,
+                model_name=model_name,
+            )
+            probe = probe_map(
+                lambda x: self._stage_map(model, x),
+                model,
+                size,
+                stage=self.stage,
+                name=name,
+                model_name=model_name,
+            )
+            self.hidden_size, *grid = probe.shape[1:]
+            self.grid, self.num_prefix_tokens = tuple(grid), 0
+
+    def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            return map_tokens(self._stage_map(model, pixel_values))
+        out = model.forward_intermediates(
+            pixel_values,
+            indices=[self.block],
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=self.num_prefix_tokens > 0,
+        )[0]
+        if isinstance(out, tuple):  # (spatial, prefix)
+            return torch.cat([out[1], out[0]], dim=1)
+        return out
+
+    def _stage_map(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.forward_intermediates(
+            pixel_values,
+            indices=[self.stage],
+            norm=False,
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )[0]
 
 
 def _is_token_vit(model: torch.nn.Module) -> bool:
