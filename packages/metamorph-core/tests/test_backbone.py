@@ -94,3 +94,24 @@ def test_backbone_argument_errors(backbone_dirs):
         create("backbone", "llama", config={"model_type": "llama"})
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         create("backbone", "llama", pretrained=str(backbone_dirs["llama"]), dtype="fp8")
+
+
+def test_blocks_are_the_decoder_layers_and_a_model_without_them_is_named(backbone_dirs):
+    from torch import nn
+
+    from metamorph_core.components.hf_causal_lm import transformer_blocks
+
+    bb = create("backbone", "qwen2", pretrained=str(backbone_dirs["qwen2"]))
+    assert bb.blocks() == list(bb.causal_lm.base_model.layers)
+    bb.apply_lora(r=2, alpha=4)  # peft wraps the model; the blocks are still found
+    assert bb.blocks() == list(bb.causal_lm.base_model.layers)
+
+    class Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(
+        ValueError, match=r"cannot find the transformer blocks of Bare.*strategy=ddp"
+    ):
+        transformer_blocks(Bare())

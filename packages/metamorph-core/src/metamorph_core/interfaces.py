@@ -126,6 +126,11 @@ class Backbone(Component, ABC):
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(b, l, d)`` final hidden states -> ``(b, l, vocab)`` text logits."""
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks in order: the units FSDP2 shards one by one before the rest
+        of the model. A backbone that returns none (the default) is sharded as one unit."""
+        return []
+
 
 class VisualLoss(nn.Module, ABC):
     """Per-token visual loss: ``(t, c)`` predictions and targets -> ``(t,)`` losses.

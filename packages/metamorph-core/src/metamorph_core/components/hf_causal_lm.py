@@ -305,6 +305,9 @@ class HFCausalLM(Backbone):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
+    def blocks(self) -> list[nn.Module]:
+        return transformer_blocks(self.causal_lm)
+
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         """The full model in transformers format (trained image-token rows written into its
         embedding matrix); with LoRA, only the peft adapter (and the tokenizer), referring to
@@ -339,6 +342,28 @@ class HFCausalLM(Backbone):
         except ValueError:  # another drive: only an absolute path can say where it is
             return {**kwargs, "pretrained": str(self._base_dir)}
         return {**kwargs, "pretrained": f"{CHECKPOINT_DIR}/{relative}"}
+
+
+def transformer_blocks(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers model, in order: the submodules whose class
+    the model names in ``_no_split_modules`` (the units transformers itself never splits
+    across devices), outermost only. Found this way rather than by an attribute path, which
+    differs between families (``model.layers``, ``gpt_neox.layers``, ``transformer.h``)."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in lm.named_modules():
+        if type(module).__name__ in names and not any(
+            name.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"cannot find the transformer blocks of {type(lm).__name__}: its "
+            f"_no_split_modules ({sorted(names) or 'not set'}) match none of its submodules, "
+            "so FSDP2 cannot shard it block by block; train it with train.strategy=ddp, or "
+            "set _no_split_modules on the model class to its decoder layer class"
+        )
+    return [module for _, module in found]
 
 
 def _hub_options(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamorph_core.components.hf_causal_lm import transformer_blocks
 from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.data import TextDataset
 from metamorph_train.objectives.base import Objective
@@ -132,7 +133,7 @@ class CausalLMObjective(Objective):
         return int(batch["attention_mask"].sum())
 
     def shard_units(self) -> list[nn.Module]:
-        return list(self.module.base_model.layers)
+        return transformer_blocks(self.module)
 
     def enable_gradient_checkpointing(self) -> None:
         self.module.gradient_checkpointing_enable(

@@ -242,7 +242,7 @@ class VPiTObjective(Objective):
         return int(batch["input_ids"].numel())
 
     def shard_units(self) -> list[nn.Module]:
-        return list(self.module.backbone.causal_lm.base_model.layers)
+        return self.module.backbone.blocks()
 
     def enable_gradient_checkpointing(self) -> None:
         self.module.backbone.causal_lm.gradient_checkpointing_enable(
