@@ -7,6 +7,7 @@ from metamorph_core.testing.conformance import check_encoder
 from metamorph_core.testing.hub import offline_hub, populate_hub_cache
 from metamorph_core.testing.tiny import (
     TINY_FAMILIES,
+    TinyFamily,
     build_tiny_tokenizer,
     save_tiny_backbone,
     tiny_model_config,
@@ -26,6 +27,7 @@ def free_port() -> int:
 __all__ = [
     "free_port",
     "TINY_FAMILIES",
+    "TinyFamily",
     "build_tiny_tokenizer",
     "check_encoder",
     "offline_hub",

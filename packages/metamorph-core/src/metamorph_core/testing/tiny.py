@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metamorph_core.config import ComponentSpec, MetaMorphConfig
+from metamorph_core.testing import chat_templates
 
 _CORPUS = [
     "a red square on the left",
@@ -35,27 +37,112 @@ _SPECIALS = [
     "<|endoftext|>",
 ]
 
-# family -> (transformers config overrides, bos, eos, pad, extra embedding rows beyond tokenizer)
-TINY_FAMILIES: dict[str, tuple[dict[str, Any], str | None, str, str, int]] = {
-    "llama": ({"model_type": "llama"}, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", 0),
-    "qwen2": (
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How a tiny model of one transformers family is built: its config overrides (with
+    ``model_type``), the tokenizer's bos/eos/pad tokens, special tokens the family's chat
+    template needs (added after the trained vocabulary, so the families without any share one
+    vocabulary), extra embedding rows beyond the tokenizer, and the family's published chat
+    template (attached when asked for: :mod:`metamorph_core.testing.chat_templates`)."""
+
+    config: dict[str, Any]
+    bos: str | None
+    eos: str
+    pad: str
+    extra_rows: int = 0
+    specials: tuple[str, ...] = ()
+    chat_template: str | None = None
+
+
+_SLIDING = {"sliding_window": 16}  # short, so that tests cross it
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "llama": TinyFamily(
+        {"model_type": "llama"},
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        chat_template=chat_templates.LLAMA3,
+    ),
+    "qwen2": TinyFamily(
         {"model_type": "qwen2", "tie_word_embeddings": True},
         None,
         "<|im_end|>",
         "<|endoftext|>",
-        29,
+        extra_rows=29,
+        chat_template=chat_templates.QWEN2,
     ),
-    "qwen3": ({"model_type": "qwen3", "head_dim": 8}, None, "<|im_end|>", "<|endoftext|>", 0),
+    "qwen3": TinyFamily(
+        {"model_type": "qwen3", "head_dim": 8}, None, "<|im_end|>", "<|endoftext|>"
+    ),
+    "qwen2_moe": TinyFamily(
+        {
+            "model_type": "qwen2_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 32,
+        },
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        chat_template=chat_templates.QWEN2,
+    ),
+    "mistral": TinyFamily(
+        {"model_type": "mistral", "head_dim": 8, **_SLIDING},
+        "<s>",
+        "</s>",
+        "</s>",
+        specials=("<s>", "</s>", "[INST]", "[/INST]"),
+        chat_template=chat_templates.MISTRAL,
+    ),
+    "gemma3_text": TinyFamily(
+        {
+            "model_type": "gemma3_text",
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            **_SLIDING,
+        },
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
+        chat_template=chat_templates.GEMMA3,
+    ),
+    "phi3": TinyFamily(
+        {"model_type": "phi3"},
+        "<s>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        specials=("<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        chat_template=chat_templates.PHI3,
+    ),
+    # Pythia: a base model, no chat template
+    "gpt_neox": TinyFamily(
+        {"model_type": "gpt_neox"}, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"
+    ),
+    # SmolLM2: a Llama with tied embeddings and ChatML
+    "smollm": TinyFamily(
+        {"model_type": "llama", "tie_word_embeddings": True},
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        chat_template=chat_templates.SMOLLM2,
+    ),
 }
 
 
-def build_tiny_tokenizer(family: str = "llama", vocab_size: int = 320) -> Any:
+def build_tiny_tokenizer(
+    family: str = "llama", vocab_size: int = 320, chat_template: bool = False
+) -> Any:
     """A byte-level BPE tokenizer trained on a small fixed corpus, with the special tokens of
-    the ``llama3`` and ``chatml`` templates. Deterministic."""
+    the ``llama3`` and ``chatml`` templates and of ``family``'s chat template; with
+    ``chat_template``, that template too (families without one stay without). Deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    _, bos, eos, pad, _ = TINY_FAMILIES[family]
+    fam = _family(family)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -66,9 +153,21 @@ def build_tiny_tokenizer(family: str = "llama", vocab_size: int = 320) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad
+    new = [t for t in fam.specials if t not in _SPECIALS]
+    if new:
+        tok.add_special_tokens(new)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad
     )
+    if chat_template and fam.chat_template is not None:
+        tokenizer.chat_template = fam.chat_template
+    return tokenizer
+
+
+def _family(name: str) -> TinyFamily:
+    if name not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family '{name}'; use one of {sorted(TINY_FAMILIES)}")
+    return TINY_FAMILIES[name]
 
 
 def save_tiny_backbone(
@@ -77,19 +176,19 @@ def save_tiny_backbone(
     hidden_size: int = 32,
     num_layers: int = 2,
     seed: int = 0,
+    chat_template: bool = False,
     **config_overrides: Any,
 ) -> Path:
-    """Save a random ``family`` causal LM (``llama``, ``qwen2`` with an embedding matrix padded
-    beyond its tokenizer, ``qwen3``) and its tokenizer to ``path`` with ``save_pretrained``."""
+    """Save a random ``family`` causal LM (a key of :data:`TINY_FAMILIES`: ``qwen2`` has an
+    embedding matrix padded beyond its tokenizer) and its tokenizer to ``path`` with
+    ``save_pretrained``; ``chat_template`` gives the tokenizer the family's published one."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family '{family}'; use one of {sorted(TINY_FAMILIES)}")
-    overrides, _, _, _, extra_rows = TINY_FAMILIES[family]
-    tokenizer = build_tiny_tokenizer(family)
+    fam = _family(family)
+    tokenizer = build_tiny_tokenizer(family, chat_template=chat_template)
     kwargs = {
-        "vocab_size": len(tokenizer) + extra_rows,
+        "vocab_size": len(tokenizer) + fam.extra_rows,
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_layers,
@@ -99,10 +198,10 @@ def save_tiny_backbone(
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        **{k: v for k, v in overrides.items() if k != "model_type"},
+        **{k: v for k, v in fam.config.items() if k != "model_type"},
         **config_overrides,
     }
-    config = AutoConfig.for_model(overrides["model_type"], **kwargs)
+    config = AutoConfig.for_model(fam.config["model_type"], **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
