@@ -39,8 +39,9 @@ class ImageFeatures:
 @dataclass(frozen=True)
 class PixelValues:
     """An image already through the encoder's ``preprocess`` (in a data-loader worker, say):
-    ``(3, h, w)`` pixel values. Stands in a conversation where an image would; a batch of them
-    is stacked as it is, not preprocessed again."""
+    its row of the batch, ``(3, h, w)`` pixel values or a dict of the encoder's fields
+    (:func:`~metamorph_core.pixels.split_pixels`). Stands in a conversation where an image
+    would; a batch of them is stacked as it is (field by field), not preprocessed again."""
 
     pixels: Any
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from metamorph_core.decoding import DecodeConfig
+from metamorph_core.pixels import Pixels
 
 #: In the reload kwargs a component returns from ``save_pretrained``, this value stands for the
 #: subfolder it was saved in. Without it, the loader passes ``pretrained=<subfolder>``.
@@ -48,13 +49,20 @@ class Component(nn.Module):
 class VisionEncoder(Component, ABC):
     """Images -> ``(b, num_tokens, hidden_size)`` visual tokens (L2-normalised by default).
 
-    Frozen encoders keep ``requires_grad=False`` and stay in eval mode; the model runs them
-    under ``torch.no_grad()``.
+    :meth:`preprocess` gives what :meth:`forward` takes, a :data:`~metamorph_core.pixels.Pixels`
+    batch: one ``(b, 3, h, w)`` float32 tensor (most encoders), or, for an encoder whose
+    input is not a fixed-size image, a dict of named tensors with the ``b`` images along dim 0
+    and one shape per field (pad inside ``preprocess``). Preprocessing an image alone must give
+    its row of a batch: data loaders preprocess image by image and the model stacks the rows
+    (:func:`~metamorph_core.pixels.stack_pixels`). Frozen encoders keep ``requires_grad=False``
+    and stay in eval mode; the model runs them under ``torch.no_grad()``.
     """
 
     hidden_size: int
     num_tokens: int
-    image_size: tuple[int, int]  # (height, width) of :meth:`preprocess` output
+    #: ``(height, width)`` of :meth:`preprocess`'s pixel tensor; an encoder that gives a dict
+    #: declares the size it reads images at best (conformance checks draw test images near it)
+    image_size: tuple[int, int]
     frozen: bool = False
 
     def train(self, mode: bool = True) -> VisionEncoder:
@@ -62,12 +70,13 @@ class VisionEncoder(Component, ABC):
         return super().train(mode and not self.frozen)
 
     @abstractmethod
-    def preprocess(self, images: Any) -> torch.Tensor:
-        """PIL images, arrays or tensors -> ``(b, 3, h, w)`` float pixel values for :meth:`forward`."""
+    def preprocess(self, images: Any) -> Pixels:
+        """PIL images, arrays or tensors -> ``(b, 3, h, w)`` float pixel values (or the
+        encoder's dict of fields) for :meth:`forward`."""
 
     @abstractmethod
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(b, 3, h, w)`` -> ``(b, num_tokens, hidden_size)``."""
+    def forward(self, pixel_values: Pixels) -> torch.Tensor:
+        """What :meth:`preprocess` gives (``b`` images) -> ``(b, num_tokens, hidden_size)``."""
 
 
 class Projector(Component, ABC):

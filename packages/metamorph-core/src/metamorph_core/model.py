@@ -35,6 +35,7 @@ from metamorph_core.interfaces import (
     VisualLoss,
 )
 from metamorph_core.model_card import ModelCardData
+from metamorph_core.pixels import Pixels, move_pixels, stack_pixels
 from metamorph_core.plugins.registry import create
 from metamorph_core.sequence import IGNORE_INDEX, SequenceBuilder, collate, pack
 from metamorph_core.vision import perturb_tokens
@@ -357,7 +358,7 @@ class MetaMorphModel(nn.Module):
                 "a batch mixes cached image features with raw images; encode all or none"
             )
         elif images and all(ready):  # preprocessed already (in the data loader's workers)
-            batch["pixel_values"] = torch.stack([x.pixels for x in images])
+            batch["pixel_values"] = stack_pixels([x.pixels for x in images])
         elif any(ready):
             raise ValueError(
                 "a batch mixes preprocessed pixel values with raw images; preprocess all or none"
@@ -365,10 +366,14 @@ class MetaMorphModel(nn.Module):
         elif images:
             batch["pixel_values"] = self.encoder.preprocess(images)
         device = next(self.backbone.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+        return {
+            k: move_pixels(v, device) if k == "pixel_values" else v.to(device)
+            for k, v in batch.items()
+        }
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(n, 3, h, w)`` -> ``(n, num_tokens, c)`` encoder tokens (no grad when frozen)."""
+    def encode_images(self, pixel_values: Pixels) -> torch.Tensor:
+        """``n`` images as the encoder's ``preprocess`` gives them (``(n, 3, h, w)``, or its
+        dict of fields) -> ``(n, num_tokens, c)`` encoder tokens (no grad when frozen)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.encoder(pixel_values)
 
@@ -429,7 +434,7 @@ class MetaMorphModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_slot_mask: torch.Tensor | None = None,
         target_slot_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Pixels | None = None,
         image_features: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
@@ -437,10 +442,11 @@ class MetaMorphModel(nn.Module):
         sample_index: torch.Tensor | None = None,  # from pack; for per-sample accounting
         input_noise: tuple[float, int] | None = None,
     ) -> MetaMorphOutput:
-        """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` ``(n, 3, h,
-        w)`` or precomputed ``image_features`` ``(n, num_tokens, c)``, in slot order. Packed
-        rows (``position_ids`` restarting per sample, no ``attention_mask``) attend within each
-        sample only. ``input_noise`` ``(max_level, seed)``: the target images' tokens are read
+        """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` (``(n, 3, h,
+        w)``, or the encoder's dict of fields: :mod:`metamorph_core.pixels`) or precomputed
+        ``image_features`` ``(n, num_tokens, c)``, in slot order. Packed rows (``position_ids``
+        restarting per sample, no ``attention_mask``) attend within each sample only.
+        ``input_noise`` ``(max_level, seed)``: the target images' tokens are read
         through :func:`~metamorph_core.vision.perturb_tokens` (their targets stay clean)."""
         head_dtype = module_dtype(self.head)
         tokens = read = None
@@ -449,7 +455,7 @@ class MetaMorphModel(nn.Module):
             if image_features is not None:
                 tokens = image_features.to(device)
             elif pixel_values is not None:
-                tokens = self.encode_images(pixel_values.to(device))
+                tokens = self.encode_images(move_pixels(pixel_values, device))
             else:
                 raise ValueError(
                     "the batch has image slots but neither pixel_values nor image_features; "

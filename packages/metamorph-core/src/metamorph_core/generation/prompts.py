@@ -15,6 +15,7 @@ from metamorph_core.conversation import IMAGE_PLACEHOLDER, Conversation, ImageFe
 from metamorph_core.errors import ConversationError
 from metamorph_core.generation.config import GenerationConfig
 from metamorph_core.generation.protocol import GenerativeModel
+from metamorph_core.pixels import move_pixels
 from metamorph_core.sequence import EncodedSample
 
 Prompt = str | Conversation
@@ -119,7 +120,7 @@ def _image_tokens(model: GenerativeModel, samples: Sequence[EncodedSample]) -> t
         img.tokens.to(device) if isinstance(img, ImageFeatures) else None for img in images
     ]
     if raw:
-        pixels = model.encoder.preprocess([images[i] for i in raw]).to(device)
+        pixels = move_pixels(model.encoder.preprocess([images[i] for i in raw]), device)
         for i, t in zip(raw, model.encode_images(pixels), strict=True):
             tokens[i] = t
     return torch.stack([t.float() for t in tokens if t is not None])

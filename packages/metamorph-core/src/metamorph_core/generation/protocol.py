@@ -10,6 +10,7 @@ import torch
 
 from metamorph_core.decoding import DecodeConfig
 from metamorph_core.interfaces import Backbone, VisionEncoder, VisualDecoder
+from metamorph_core.pixels import Pixels
 from metamorph_core.sequence import SequenceBuilder
 
 
@@ -34,8 +35,9 @@ class GenerativeModel(Protocol):
         """What an answer says before a generated image when the caller does not say."""
         ...
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(k, 3, h, w)`` preprocessed images -> ``(k, n, c)`` visual tokens."""
+    def encode_images(self, pixel_values: Pixels) -> torch.Tensor:
+        """``k`` images through the encoder's ``preprocess`` (``(k, 3, h, w)``, or its dict of
+        fields) -> ``(k, n, c)`` visual tokens."""
         ...
 
     def embed_inputs(

@@ -7,10 +7,12 @@ check_encoder(create("encoder", "my-encoder", ...))
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 
 from metamorph_core.interfaces import VisionEncoder
+from metamorph_core.pixels import Pixels, split_pixels, stack_pixels
 
 
 def _sample_images(h: int, w: int) -> list[object]:
@@ -32,19 +34,57 @@ def _sample_images(h: int, w: int) -> list[object]:
     return images
 
 
+def _check_pixels(pixels: Pixels, n: int, size: tuple[int, int]) -> None:
+    """A ``(n, 3, h, w)`` float32 tensor, or a dict of tensors with ``n`` rows each (its
+    floating-point fields float32)."""
+    if isinstance(pixels, torch.Tensor):
+        assert tuple(pixels.shape) == (n, 3, *size), f"preprocess gave {tuple(pixels.shape)}"
+    else:
+        assert isinstance(pixels, Mapping) and pixels, (
+            f"preprocess must give a (b, 3, h, w) tensor or a dict of tensors, got "
+            f"{type(pixels).__name__}"
+        )
+    for name, x in _fields(pixels).items():
+        assert isinstance(x, torch.Tensor) and len(x) == n, (
+            f"preprocess field '{name}' must be a tensor with the {n} images along dim 0"
+        )
+        if x.is_floating_point():
+            assert x.dtype == torch.float32, f"preprocess gave {name} in {x.dtype}, not float32"
+            assert torch.isfinite(x).all(), f"preprocess gave NaN/inf in {name}"
+
+
+def _fields(pixels: Pixels) -> Mapping[str, torch.Tensor]:
+    return {"pixels": pixels} if isinstance(pixels, torch.Tensor) else pixels
+
+
+def _probe(pixels: Pixels) -> Pixels:
+    """The first image of ``pixels``, its floating-point tensors requiring grad."""
+    first = stack_pixels(split_pixels(pixels)[:1])
+    if isinstance(first, torch.Tensor):
+        return first.clone().requires_grad_(True)
+    return {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in first.items()}
+
+
 def check_encoder(encoder: VisionEncoder, atol: float = 1e-5) -> None:
     """Assert that ``encoder`` honours the :class:`VisionEncoder` contract: declared shapes;
-    preprocessing of mixed kinds, modes and sizes; clear errors on bad input; determinism;
-    frozen = no grads, eval mode, no autograd graph; float32/bfloat16 weights both give finite
-    tokens of the declared shape; L2-normalised tokens when the encoder normalises."""
+    preprocessing of mixed kinds, modes and sizes, to a pixel tensor or a dict of fields; each
+    image preprocessed alone gives its row of the batch; clear errors on bad input;
+    determinism; frozen = no grads, eval mode, no autograd graph; float32/bfloat16 weights
+    both give finite tokens of the declared shape; L2-normalised tokens when the encoder
+    normalises."""
     assert isinstance(encoder, VisionEncoder), f"{type(encoder).__name__} is not a VisionEncoder"
     for attr in ("hidden_size", "num_tokens", "image_size"):
         assert hasattr(encoder, attr), f"encoder must declare {attr}"
     h, w = encoder.image_size
     images = _sample_images(h, w)
     pixels = encoder.preprocess(images)
-    assert tuple(pixels.shape) == (len(images), 3, h, w), f"preprocess gave {tuple(pixels.shape)}"
-    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
+    _check_pixels(pixels, len(images), (h, w))
+    rows = split_pixels(pixels)
+    for i, image in enumerate(images):  # data loaders preprocess image by image
+        one, row = (_fields(x) for x in (split_pixels(encoder.preprocess([image]))[0], rows[i]))
+        assert one.keys() == row.keys() and all(
+            torch.allclose(one[k].float(), row[k].float(), atol=1e-6) for k in row
+        ), f"image {i} preprocessed alone differs from its row of the batch"
     try:
         encoder.preprocess([torch.rand(5, h, w)])
     except ValueError as e:
@@ -78,8 +118,7 @@ def check_encoder(encoder: VisionEncoder, atol: float = 1e-5) -> None:
         assert not encoder.training, "frozen encoder left eval mode on train()"
         encoder.train(was_training)
         with torch.enable_grad():
-            probe = pixels[:1].clone().requires_grad_(True)
-            assert encoder(probe).grad_fn is None, "frozen encoder built an autograd graph"
+            assert encoder(_probe(pixels)).grad_fn is None, "frozen encoder built an autograd graph"
 
     low = copy.deepcopy(encoder).to(torch.bfloat16)
     with torch.no_grad():
