@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from metamorph_core.dtypes import dtype_name, resolve_dtype
 from metamorph_core.interfaces import VisionEncoder
+from metamorph_core.pixels import move_pixels
 from metamorph_core.vision import REDUCTIONS, reduce_grid
 from metamorph_encoders.transforms import ImageTransform
 
@@ -163,7 +164,7 @@ def token_mean(encoder: GridEncoder, images: Any, path: str | Path, batch_size: 
     total, count = None, 0
     for start in range(0, len(images), batch_size):
         chunk = encoder.preprocess(images[start : start + batch_size])
-        x = encoder(chunk.to(next(encoder.parameters()).device))
+        x = encoder(move_pixels(chunk, next(encoder.parameters()).device))
         total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
     if total is None:

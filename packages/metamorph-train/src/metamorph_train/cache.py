@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from metamorph_core.checkpoint import jsonable, write_json
 from metamorph_core.conversation import ImageFeatures
+from metamorph_core.pixels import move_pixels
 from metamorph_train.data.images import ImageRoot
 
 CONFIG = "cache_config.json"
@@ -96,7 +97,7 @@ def build_cache(
     device = next(encoder.parameters()).device
 
     def encode(chunk: list[str]) -> torch.Tensor:
-        return encoder(encoder.preprocess([root.load(p) for p in chunk]).to(device))
+        return encoder(move_pixels(encoder.preprocess([root.load(p) for p in chunk]), device))
 
     mine = list(paths)[rank::world_size]
     bar = _bar(progress and rank == 0, len(mine), "cache-features", "image")

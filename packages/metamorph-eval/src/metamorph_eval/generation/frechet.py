@@ -303,10 +303,12 @@ class EncoderFeatures:
     def __call__(self, images: Sequence[Any]) -> np.ndarray:
         import torch
 
+        from metamorph_core.pixels import move_pixels
+
         param = next(iter(self.encoder.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
         with torch.no_grad():
-            pixels = self.encoder.preprocess(list(images)).to(self.device, dtype)
+            pixels = move_pixels(self.encoder.preprocess(list(images)), self.device, dtype)
             tokens = self.encoder(pixels)
             return tokens.float().mean(dim=1).cpu().numpy()
 

@@ -60,6 +60,8 @@ def _pinned(value: Any) -> Any:
         return value.pin_memory()
     if isinstance(value, (list, tuple)):
         return type(value)(_pinned(v) for v in value)
+    if isinstance(value, dict):  # an encoder's preprocessed fields
+        return {k: _pinned(v) for k, v in value.items()}
     if is_dataclass(value) and not isinstance(value, type):
         return replace(value, **{f.name: _pinned(getattr(value, f.name)) for f in fields(value)})
     return value

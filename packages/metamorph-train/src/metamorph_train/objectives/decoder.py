@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamorph_core.pixels import Pixels, move_pixels, split_pixels, stack_pixels
 from metamorph_train.data import ImageDataset, ImageItem
 from metamorph_train.objectives.base import Objective
 
@@ -66,7 +67,7 @@ class DecoderLoss(nn.Module):
         pixels: torch.Tensor,
         seed: int,
         tokens: torch.Tensor | None = None,
-        encoder_pixels: torch.Tensor | None = None,
+        encoder_pixels: Pixels | None = None,
     ) -> torch.Tensor:
         if tokens is None:
             assert self.encoder is not None and encoder_pixels is not None
@@ -164,11 +165,10 @@ class DecoderObjective(Objective):
                 "computed live) or data.feature_cache"
             )
         elif all(item.encoder_pixels is not None for item in items):  # made by loader workers
-            out["encoder_pixels"] = torch.stack(
-                [p for item in items for p in item.encoder_pixels]
-            ).to(device)
+            made = stack_pixels([p for item in items for p in item.encoder_pixels])
+            out["encoder_pixels"] = move_pixels(made, device)
         else:
-            out["encoder_pixels"] = encoder.preprocess(pixels).to(device)
+            out["encoder_pixels"] = move_pixels(encoder.preprocess(pixels), device)
         return out
 
     def counts(self, batch: dict[str, Any]) -> list[float]:
@@ -195,12 +195,12 @@ class FitImages:
 
     size: tuple[int, int]
     resize: str
-    preprocess: Callable[[Any], torch.Tensor] | None
+    preprocess: Callable[[Any], Pixels] | None
 
     def __call__(self, item: ImageItem) -> ImageItem:
         encoder_pixels = None
         if item.tokens is None and self.preprocess is not None:
-            encoder_pixels = [self.preprocess([p])[0] for p in item.pixels]
+            encoder_pixels = [split_pixels(self.preprocess([p]))[0] for p in item.pixels]
         fitted = [fit(p, self.size, self.resize) for p in item.pixels]
         return replace(item, pixels=fitted, encoder_pixels=encoder_pixels)
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues
+from metamorph_core.pixels import Pixels, split_pixels
 from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.data import ConversationDataset
 from metamorph_train.objectives.base import Objective
@@ -44,13 +45,13 @@ class PreprocessImages:
     :class:`~metamorph_core.conversation.PixelValues` (run in the loader's workers); cached
     features stay as they are."""
 
-    preprocess: Callable[[Any], torch.Tensor]
+    preprocess: Callable[[Any], Pixels]
 
     def __call__(self, conversation: Conversation) -> Conversation:
         images = [
             x
             if isinstance(x, (ImageFeatures, PixelValues))
-            else PixelValues(self.preprocess([x])[0])
+            else PixelValues(split_pixels(self.preprocess([x]))[0])
             for x in conversation.images
         ]
         return replace(conversation, images=images)
