@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from metamorph_core import MetaMorphModel
 from metamorph_core.config import ComponentSpec
@@ -164,8 +165,8 @@ def save_load(model: MetaMorphModel, where: Path) -> bool:
 
 def lora_step(backbone: Path, family: str, where: Path) -> str:
     """LoRA on every linear layer of the LLM: one AdamW step moves the LoRA matrices and the
-    image-token rows and leaves the base weights; the adapter checkpoint reloads to the same
-    outputs."""
+    image-token rows and leaves the base weights; the adapter checkpoint holds those alone and
+    reloads to the same outputs."""
     model = model_for(backbone, family)
     model.apply_lora(r=4, alpha=8)
     named = dict(model.named_parameters())
@@ -190,6 +191,10 @@ def lora_step(backbone: Path, family: str, where: Path) -> str:
     model.eval()
     model.save_pretrained(where)
     assert not (where / "backbone" / "model.safetensors").exists()
+    with safe_open(where / "backbone" / "adapter_model.safetensors", "pt") as f:
+        names = f.keys()  # a method of safe_open, which is not a dict
+    extra = [k for k in names if "lora_" not in k and "trainable_tokens" not in k]
+    assert not extra, f"the adapter holds more than LoRA and the image tokens' rows: {extra}"
     same(generations(model), generations(MetaMorphModel.from_pretrained(where)))
     return ", ".join(targets)
 

@@ -331,7 +331,11 @@ class HFCausalLM(Backbone):
                 f"'{self._base_dir}' this backbone was loaded from is gone; put it back, or "
                 "merge LoRA first (model.merge_lora()) and save a full checkpoint"
             )
-        self.lm.save_pretrained(str(directory))
+        # the adapter alone: peft would add the whole embedding matrix and head (gigabytes for
+        # an 8B model) because the image tokens grew the vocabulary, but loading rebuilds
+        # their rows from the base model exactly as here, and the trained rows are the
+        # adapter's trainable tokens
+        self.lm.save_pretrained(str(directory), save_embedding_layers=False)
         kwargs.update(tokenizer=SUBFOLDER, lora_adapter=SUBFOLDER)
         if self._base_dir is None:  # a Hub id
             revision = {"revision": self._revision} if self._revision else {}
