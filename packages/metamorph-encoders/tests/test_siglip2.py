@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
 from metamorph_core import MetaMorphModel, create
+from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues, Turn
 from metamorph_core.errors import CheckpointError
+from metamorph_core.pixels import split_pixels
 from metamorph_core.testing import check_encoder, samples, save_tiny_backbone, tiny_model_config
+from metamorph_encoders.testing import save_tiny_siglip2
 
 transformers.utils.logging.disable_progress_bar()
-TOWER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "patch_size": 4,
-    "num_patches": 64,  # 8x8 position embeddings
-}
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("siglip2")
-    torch.manual_seed(0)
-    text = {**{k: TOWER[k] for k in TOWER if "patch" not in k}, "vocab_size": 50}
-    model = transformers.Siglip2Model(
-        transformers.Siglip2Config(vision_config=TOWER, text_config=text)
-    ).eval()
-    model.save_pretrained(root)
-    processor = transformers.Siglip2ImageProcessor(patch_size=4, max_num_patches=64)
-    processor.save_pretrained(root)
+    root = save_tiny_siglip2(tmp_path_factory.mktemp("siglip2"))
+    model = transformers.Siglip2Model.from_pretrained(root, dtype=torch.float32).eval()
+    processor = transformers.Siglip2ImageProcessor.from_pretrained(root)
     return {"dir": str(root), "model": model.vision_model, "processor": processor}
 
 
@@ -56,7 +47,7 @@ def _reference(hidden: torch.Tensor, shapes: torch.Tensor, side: int) -> torch.T
 
 
 def test_fixed_size_passes_the_conformance_suite_and_matches_transformers(saved):
-    enc = create("encoder", "siglip2", pretrained=saved["dir"], num_tokens=16)
+    enc = create("encoder", "siglip2", pretrained=saved["dir"], num_tokens=16, naflex=False)
     assert (enc.image_size, enc.grid, enc.max_num_patches, enc.layer) == ((32, 32), (8, 8), 64, -1)
     check_encoder(enc)
     pixels = enc.preprocess([torch.rand(3, 40, 24), torch.rand(3, 32, 32)])
@@ -120,12 +111,62 @@ def test_naflex_budget_and_reduction_none(saved):
         )
 
 
-def test_a_unified_model_takes_a_vpit_step_with_siglip2(saved, tmp_path):
-    bb = save_tiny_backbone(tmp_path / "bb", "llama")
-    enc = {"name": "siglip2", "kwargs": {"pretrained": saved["dir"], "num_tokens": 4}}
+def test_naflex_is_the_default_and_passes_the_conformance_suite(saved):
+    enc = create("encoder", "siglip2", pretrained=saved["dir"], num_tokens=16)
+    assert enc.naflex and enc.reload_kwargs()["naflex"] is True
+    check_encoder(enc)
+    images = _images()
+    pixels = enc.preprocess(images)  # what the model and its data loaders hold
+    naflex = enc.preprocess_naflex(images)
+    assert pixels.keys() == naflex.keys() and all(torch.equal(pixels[k], naflex[k]) for k in pixels)
+    with torch.no_grad():
+        assert torch.equal(enc(pixels), enc.encode_naflex(**naflex))
+    with pytest.raises(ValueError, match=r"reads NaFlex inputs .* got a tensor .* naflex=False"):
+        enc(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"got fields \['pixel_values'\]"):
+        enc({"pixel_values": naflex["pixel_values"]})
+
+
+def _conversations() -> list[Conversation]:
+    """An understanding sample with a tall image, a generation sample with a wide one."""
+    tall, wide = _images()
+    return [
+        dataclasses.replace(samples.understanding(), images=[tall]),
+        dataclasses.replace(samples.generation(), images=[wide]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return save_tiny_backbone(tmp_path_factory.mktemp("bb") / "llama", "llama")
+
+
+def _model(saved, backbone, **encoder):
+    enc = {"name": "siglip2", "kwargs": {"pretrained": saved["dir"], "num_tokens": 4, **encoder}}
     torch.manual_seed(0)
-    model = MetaMorphModel.from_config(tiny_model_config(bb, encoder=enc))
-    batch = model.prepare_batch([samples.understanding(size=40), samples.generation(size=40)])
+    return MetaMorphModel.from_config(tiny_model_config(backbone, encoder=enc))
+
+
+@pytest.mark.parametrize("naflex", [True, False])
+def test_a_unified_model_takes_a_vpit_step_with_siglip2(saved, backbone, tmp_path, naflex):
+    model = _model(saved, backbone, naflex=naflex)
+    convs = _conversations()
+    batch = model.prepare_batch(convs)
+    pixels, encoder = batch["pixel_values"], model.encoder
+    if naflex:  # aspect ratios kept, each image on its own grid; the tokens encode_naflex's
+        assert pixels["spatial_shapes"].tolist() == [[10, 6], [5, 12]]
+        with torch.no_grad():
+            want = encoder.encode_naflex(**encoder.preprocess_naflex([c.images[0] for c in convs]))
+            assert torch.equal(model.encode_images(pixels), want)
+    else:
+        assert pixels.shape == (2, 3, 32, 32)
+    # images preprocessed one by one, as the data loader's workers do, make the same batch
+    ready = [
+        dataclasses.replace(c, images=[PixelValues(split_pixels(encoder.preprocess(c.images))[0])])
+        for c in convs
+    ]
+    with torch.no_grad():
+        assert torch.equal(model(**model.prepare_batch(ready)).loss, model(**batch).loss)
     model.train()
     out = model(**batch)
     assert out.visual_tokens == 4 and torch.isfinite(out.loss) and out.visual_loss > 0
@@ -133,6 +174,25 @@ def test_a_unified_model_takes_a_vpit_step_with_siglip2(saved, tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
     assert not any(p.grad is not None for p in model.encoder.parameters())
     loaded = MetaMorphModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
-    assert loaded.encoder.max_num_patches == 64
+    assert (loaded.encoder.max_num_patches, loaded.encoder.naflex) == (64, naflex)
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch).loss, loaded.eval()(**batch).loss)
+
+
+def test_generation_reads_naflex_prompt_images(saved, backbone):
+    model = _model(saved, backbone).eval()
+    images = _images()
+    prompts = [
+        Conversation([Turn("user", "<image>\nWhat colour is the shape?")], [img]) for img in images
+    ]
+    with torch.no_grad():
+        tokens = model.encoder.encode_naflex(**model.encoder.preprocess_naflex(images))
+    features = [
+        Conversation(p.turns, [ImageFeatures(t)]) for p, t in zip(prompts, tokens, strict=True)
+    ]
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    read = model.generate(prompts, **settings)  # both prompt images preprocessed in one batch
+    given = model.generate(features, **settings)
+    assert [r.token_ids for r in read] == [r.token_ids for r in given]
+    made = model.generate_image("<image>\nthe same, in blue", images=images[:1], max_new_tokens=8)
+    assert len(made[0].images) == 1 and made[0].images[0].shape == (4, 32)

@@ -24,6 +24,7 @@ from metamorph_core.cli import main as cli
 from metamorph_core.conversation import PixelValues
 from metamorph_core.testing import free_port, save_tiny_backbone, tiny_model_config
 from metamorph_decoders.testing import tiny_unet_config
+from metamorph_encoders.testing import save_tiny_siglip2
 from metamorph_train.data import ConversationDataset, ImageDataset, Mixture
 from metamorph_train.data.loader import Loaded, Loader
 from metamorph_train.objectives import DecoderObjective, VPiTObjective
@@ -153,10 +154,15 @@ def test_bad_images_raise_naming_them_or_are_skipped_and_counted(vpit, world):
     assert lone.skipped == loader.skipped
 
 
-def test_decoder_items_are_fitted_and_preprocessed_in_workers(world):
+@pytest.mark.parametrize("naflex", [False, True])
+def test_decoder_items_are_fitted_and_preprocessed_in_workers(world, tmp_path, naflex):
     from metamorph_core import create
 
-    encoder = create("encoder", "tiny-patch", image_size=16, hidden_size=24, num_tokens=4)
+    if naflex:  # preprocess gives fields (SigLIP 2 keeps each image's aspect ratio)
+        tower = save_tiny_siglip2(tmp_path / "siglip2")
+        encoder = create("encoder", "siglip2", pretrained=str(tower), num_tokens=4)
+    else:
+        encoder = create("encoder", "tiny-patch", image_size=16, hidden_size=24, num_tokens=4)
     unet = tiny_unet_config(sample_size=8)
     decoder = create(
         "decoder",
@@ -164,7 +170,7 @@ def test_decoder_items_are_fitted_and_preprocessed_in_workers(world):
         unet_config=unet,
         adapter={"name": "mlp", "kwargs": {"hidden_dims": [32]}},
         context_length=4,
-        token_dim=24,
+        token_dim=encoder.hidden_size,
         num_tokens=4,
     )
     objective = DecoderObjective(decoder, encoder)
@@ -176,14 +182,22 @@ def test_decoder_items_are_fitted_and_preprocessed_in_workers(world):
     items = loader.next()
     loader.close()
     assert all(p.shape == (3, 8, 8) for item in items for p in item.pixels)
-    assert all(p.shape == (3, 16, 16) for item in items for p in item.encoder_pixels)
     # the batch of worker-made items equals the batch of the same items read in-process
     plain = mixture()
     raw = [plain.next()[1] for _ in range(3)]
     made, again = objective.batch(items, 0), objective.batch(raw, 0)
     assert raw[0].encoder_pixels is None
     assert torch.equal(made["pixels"], again["pixels"])
-    assert torch.equal(made["encoder_pixels"], again["encoder_pixels"])
+    if naflex:
+        assert len({tuple(s) for s in made["encoder_pixels"]["spatial_shapes"].tolist()}) > 1
+        assert all(
+            torch.equal(made["encoder_pixels"][k], v) for k, v in again["encoder_pixels"].items()
+        )
+    else:
+        assert all(p.shape == (3, 16, 16) for item in items for p in item.encoder_pixels)
+        assert torch.equal(made["encoder_pixels"], again["encoder_pixels"])
+    (loss,) = objective.loss_sums(objective.module, made)
+    assert torch.isfinite(loss)
 
 
 def test_loaded_batches_pin_every_tensor_they_hold():

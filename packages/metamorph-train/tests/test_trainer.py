@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from metamorph_core import MetaMorphModel
 from metamorph_core.errors import CheckpointError
 from metamorph_core.testing import samples, save_tiny_backbone, tiny_model_config
+from metamorph_encoders.testing import save_tiny_siglip2
 from metamorph_train.data import Mixture
 from metamorph_train.objectives import VPiTObjective
 from metamorph_train.trainer import Trainer, TrainerConfig
@@ -193,3 +195,37 @@ def test_the_trainer_takes_an_objective(backbone, tmp_path):
         Trainer(model, _data(), cfg, log=None)
     with pytest.raises(ValueError, match="policy 'lora' trains LoRA weights, but the model"):
         VPiTObjective(model, policy="lora")
+
+
+def test_siglip2_naflex_images_of_different_shapes_train_through_the_workers(backbone, tmp_path):
+    """A NaFlex encoder's preprocess gives fields, not a pixel tensor: the loader's worker
+    preprocesses image by image, keeping aspect ratios, and the batch stacks field by field."""
+    tower = save_tiny_siglip2(tmp_path / "siglip2")
+    enc = {"name": "siglip2", "kwargs": {"pretrained": str(tower), "num_tokens": 4}}
+    torch.manual_seed(0)
+    model = MetaMorphModel.from_config(tiny_model_config(backbone, encoder=enc))
+    g = torch.Generator().manual_seed(0)
+    convs = [
+        replace(samples.understanding(i), images=[torch.rand(3, 40, 24, generator=g)])
+        for i in range(3)
+    ]
+    convs += [
+        replace(samples.generation(i), images=[torch.rand(3, 20, 48, generator=g)])
+        for i in range(3)
+    ]
+    cfg = TrainerConfig(output_dir=str(tmp_path / "run"), steps=2, batch_size=6, log_every=1)
+    trainer = Trainer(
+        VPiTObjective(model), Mixture({"a": convs}, {"a": 1.0}), cfg, log=None, num_workers=1
+    )
+    made = []
+
+    def batch(items, seed, make=trainer.objective.batch):
+        made.append(make(items, seed))
+        return made[-1]
+
+    trainer.objective.batch = batch
+    trainer.run()
+    grids = {tuple(s) for b in made for s in b["pixel_values"]["spatial_shapes"].tolist()}
+    assert grids == {(10, 6), (5, 12)}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["visual_loss"] > 0 and r["text_loss"] > 0 for r in rows)

@@ -1,13 +1,16 @@
-"""``siglip2``: transformers' SigLIP 2 vision tower, at a fixed resolution or NaFlex.
+"""``siglip2``: transformers' SigLIP 2 vision tower, NaFlex or at a fixed resolution.
 
 SigLIP 2 takes patchified images: ``pixel_values`` ``(b, max_num_patches, 3*p*p)`` with a
 ``pixel_attention_mask`` ``(b, max_num_patches)`` and each image's patch grid ``spatial_shapes``
-``(b, 2)``; its position embeddings are resized to every grid. Two ways in:
+``(b, 2)``; its position embeddings are resized to every grid. Two modes of
+:meth:`preprocess` / :meth:`forward` (the :class:`VisionEncoder` contract, used by the unified
+model, its data loaders and generation):
 
-- :meth:`preprocess` / :meth:`forward` (the :class:`VisionEncoder` contract, used by the
-  unified model and its data loaders): square ``s*p x s*p`` images, ``s = isqrt(max_num_patches)``.
-- :meth:`preprocess_naflex` / :meth:`encode_naflex` (NaFlex): each image keeps its aspect ratio
-  on an ``h_i x w_i`` grid with ``h_i*w_i <= max_num_patches``.
+- ``naflex=True`` (default): each image keeps its aspect ratio on an ``h_i x w_i`` grid with
+  ``h_i*w_i <= max_num_patches``; ``preprocess`` gives those three fields as a dict
+  (:mod:`metamorph_core.pixels`), the same as :meth:`preprocess_naflex`, and ``forward`` is
+  :meth:`encode_naflex`.
+- ``naflex=False``: square ``s*p x s*p`` pixel tensors, ``s = isqrt(max_num_patches)``.
 
 Both reduce each image's valid patch grid to the same ``num_tokens`` (``interpolate`` /
 ``avgpool``; ``none`` only where a grid already has ``num_tokens`` patches).
@@ -16,23 +19,28 @@ Both reduce each image's valid patch grid to the same ``num_tokens`` (``interpol
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
 
+from metamorph_core.pixels import Pixels
 from metamorph_core.vision import reduce_grid, to_tensor_list
 from metamorph_encoders.hf import HFVisionEncoder
 from metamorph_encoders.transforms import ImageTransform
 
 # torch interpolation modes -> PIL resample codes, for the NaFlex image processor
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+_NAFLEX_FIELDS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 
 class Siglip2Encoder(HFVisionEncoder):
-    """Options of ``siglip``, plus ``max_num_patches`` (the NaFlex patch budget per image;
-    default: the checkpoint's image processor's, else the config's ``num_patches``)."""
+    """Options of ``siglip``, plus ``max_num_patches`` (the patch budget per image; default:
+    the checkpoint's image processor's, else the config's ``num_patches``) and ``naflex``
+    (default on: aspect ratios kept; off: square images of ``isqrt(max_num_patches)``
+    patches a side). ``image_size`` is that square either way."""
 
     family = "siglip2"
     model_class = "Siglip2VisionModel"
@@ -41,7 +49,13 @@ class Siglip2Encoder(HFVisionEncoder):
     default_interpolation = "bilinear"
     load_overrides: ClassVar[dict[str, Any]] = {"vision_use_head": False}
 
-    def __init__(self, *args: Any, max_num_patches: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_num_patches: int | None = None,
+        naflex: bool = True,
+        **kwargs: Any,
+    ) -> None:
         self._requested_patches = max_num_patches
         self._processor_patches: int | None = None  # read from the checkpoint's processor
         super().__init__(*args, **kwargs)
@@ -58,7 +72,9 @@ class Siglip2Encoder(HFVisionEncoder):
             resample=_PIL_RESAMPLE.get(self.transform.interpolation, 2),
             do_rescale=False,  # images arrive as [0, 1] floats from to_tensor_list
         )
+        self.naflex = naflex
         self._options["max_num_patches"] = self.max_num_patches
+        self._options["naflex"] = naflex
 
     def _default_patches(self, cfg: Any) -> int:
         return int(self._requested_patches or self._processor_patches or cfg.num_patches)
@@ -115,13 +131,35 @@ class Siglip2Encoder(HFVisionEncoder):
         )
         return out.hidden_states[self.layer]
 
+    def preprocess(self, images: Any) -> Pixels:
+        """NaFlex inputs (:meth:`preprocess_naflex`), or with ``naflex=False`` square
+        ``(b, 3, s*p, s*p)`` pixel values."""
+        return self.preprocess_naflex(images) if self.naflex else super().preprocess(images)
+
+    def forward(self, pixel_values: Pixels) -> torch.Tensor:
+        """What :meth:`preprocess` gives -> ``(b, num_tokens, hidden_size)``."""
+        if not self.naflex:
+            return super().forward(pixel_values)
+        if not isinstance(pixel_values, Mapping) or set(pixel_values) != set(_NAFLEX_FIELDS):
+            got = (
+                f"fields {sorted(pixel_values)}"
+                if isinstance(pixel_values, Mapping)
+                else f"a tensor of shape {tuple(pixel_values.shape)}"
+            )
+            raise ValueError(
+                f"encoder 'siglip2' reads NaFlex inputs (a dict of {', '.join(_NAFLEX_FIELDS)}), "
+                f"got {got}; use encoder.preprocess(images), or build the encoder with "
+                "naflex=False for square pixel tensors"
+            )
+        return self.encode_naflex(**pixel_values)
+
     def preprocess_naflex(self, images: Any) -> dict[str, torch.Tensor]:
-        """Paths aside, what :meth:`preprocess` takes -> NaFlex inputs: each image resized, aspect
+        """Images (paths, PIL images, arrays, tensors) -> NaFlex inputs: each image resized, aspect
         kept, to an ``h_i x w_i`` patch grid with ``h_i*w_i <= max_num_patches``;
         ``pixel_values`` ``(b, max_num_patches, 3*p*p)`` float32 (padding rows zero),
         ``pixel_attention_mask`` ``(b, max_num_patches)``, ``spatial_shapes`` ``(b, 2)``."""
         out = self.processor(images=to_tensor_list(images), return_tensors="pt")
-        return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+        return {k: out[k] for k in _NAFLEX_FIELDS}
 
     def encode_naflex(
         self,
