@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from metamorph_core.dtypes import resolve_dtype
 from metamorph_core.errors import CheckpointError
 from metamorph_encoders.base import GridEncoder
-from metamorph_encoders.feature_maps import map_stage, map_tokens, probe_map
+from metamorph_encoders.feature_maps import StageMaps
 from metamorph_encoders.transforms import ImageTransform
 
 WEIGHTS = "model.safetensors"
@@ -102,7 +102,7 @@ class TimmEncoder(GridEncoder):
                 size = self.model_kwargs["img_size"]
                 data_config["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
             transform = ImageTransform.from_timm(data_config)
-        self.reader = TimmTokens(
+        self.reader = timm_tokens(
             self.model,
             layer,
             transform.size,
@@ -164,57 +164,52 @@ class TimmEncoder(GridEncoder):
         }
 
 
-class TimmTokens:
-    """How the tokens of a timm model at ``layer`` are read (see the module docstring): a ViT's
-    block output (``prefix + h*w`` tokens) or a feature stage's map flattened row by row. Its
-    ``num_layers``, ``hidden_size``, ``grid`` and ``num_prefix_tokens`` are what
-    :meth:`~metamorph_encoders.base.GridEncoder._setup` takes; calling it with the model and
+def timm_tokens(
+    model: torch.nn.Module,
+    layer: int,
+    size: tuple[int, int],
+    *,
+    drop_prefix_tokens: bool,
+    name: str,
+    model_name: str,
+) -> TimmVitTokens | StageMaps:
+    """How the tokens of timm model ``model`` at ``layer`` are read (see the module docstring):
+    a ViT's block output (:class:`TimmVitTokens`) or a feature stage's map
+    (:class:`~metamorph_encoders.feature_maps.StageMaps` over ``feature_info``). Either has the
+    ``num_layers``, ``hidden_size``, ``grid`` and ``num_prefix_tokens`` that
+    :meth:`~metamorph_encoders.base.GridEncoder._setup` takes, and called with the model and
     ``(b, 3, h, w)`` pixels gives ``(b, prefix + h*w, c)``. ``size``: the input images'."""
+    if _is_token_vit(model):
+        return TimmVitTokens(model, layer, size, name=name)
+    return StageMaps(
+        _stage_map,
+        model,
+        layer,
+        len(getattr(model, "feature_info", None) or []),
+        size,
+        drop_prefix_tokens=drop_prefix_tokens,
+        name=name,
+        model_name=model_name,
+    )
+
+
+class TimmVitTokens:
+    """A timm ViT's block outputs: ``prefix + h*w`` tokens."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        layer: int,
-        size: tuple[int, int],
-        *,
-        drop_prefix_tokens: bool,
-        name: str,
-        model_name: str,
+        self, model: torch.nn.Module, layer: int, size: tuple[int, int], *, name: str
     ) -> None:
-        self.is_vit = _is_token_vit(model)
-        if self.is_vit:
-            self.num_layers = len(model.blocks)
-            if layer == 0 or layer == -(self.num_layers + 1):
-                raise ValueError(
-                    f"encoder '{name}': layer {layer} (the embeddings) is not available from "
-                    f"timm; use a block output: 1..{self.num_layers} or -{self.num_layers}..-1"
-                )
-            self.block = layer - 1 if layer > 0 else self.num_layers + layer
-            self.grid = tuple(model.patch_embed.dynamic_feat_size(size))
-            self.hidden_size, self.num_prefix_tokens = model.embed_dim, model.num_prefix_tokens
-        else:
-            self.num_layers = len(getattr(model, "feature_info", None) or [])
-            self.stage = map_stage(
-                layer,
-                self.num_layers,
-                drop_prefix_tokens=drop_prefix_tokens,
-                name=name,
-                model_name=model_name,
+        self.num_layers = len(model.blocks)
+        if layer == 0 or layer == -(self.num_layers + 1):
+            raise ValueError(
+                f"encoder '{name}': layer {layer} (the embeddings) is not available from "
+                f"timm; use a block output: 1..{self.num_layers} or -{self.num_layers}..-1"
             )
-            probe = probe_map(
-                lambda x: self._stage_map(model, x),
-                model,
-                size,
-                stage=self.stage,
-                name=name,
-                model_name=model_name,
-            )
-            self.hidden_size, *grid = probe.shape[1:]
-            self.grid, self.num_prefix_tokens = tuple(grid), 0
+        self.block = layer - 1 if layer > 0 else self.num_layers + layer
+        self.grid = tuple(model.patch_embed.dynamic_feat_size(size))
+        self.hidden_size, self.num_prefix_tokens = model.embed_dim, model.num_prefix_tokens
 
     def __call__(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not self.is_vit:
-            return map_tokens(self._stage_map(model, pixel_values))
         out = model.forward_intermediates(
             pixel_values,
             indices=[self.block],
@@ -228,15 +223,16 @@ class TimmTokens:
             return torch.cat([out[1], out[0]], dim=1)
         return out
 
-    def _stage_map(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        return model.forward_intermediates(
-            pixel_values,
-            indices=[self.stage],
-            norm=False,
-            stop_early=True,
-            output_fmt="NCHW",
-            intermediates_only=True,
-        )[0]
+
+def _stage_map(model: torch.nn.Module, pixel_values: torch.Tensor, stage: int) -> torch.Tensor:
+    return model.forward_intermediates(
+        pixel_values,
+        indices=[stage],
+        norm=False,
+        stop_early=True,
+        output_fmt="NCHW",
+        intermediates_only=True,
+    )[0]
 
 
 def _is_token_vit(model: torch.nn.Module) -> bool:
