@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from metamorph_core import MetaMorphModel, create
+from metamorph_core import create
 from metamorph_core.errors import CheckpointError
-from metamorph_core.testing import (
-    check_encoder,
-    offline_hub,
-    populate_hub_cache,
-    samples,
-    save_tiny_backbone,
-    tiny_model_config,
-)
+from metamorph_core.testing import check_encoder, offline_hub, populate_hub_cache
 
 SIZE = {"pretrained_cfg_overlay": {"input_size": (3, 64, 64)}}
 # (model, channels of its feature stages, their stride): 64 px -> grids of 64 / stride
@@ -27,13 +20,7 @@ STAGES = {
     "efficientnet_b0": ((16, 24, 40, 112, 320), (2, 4, 8, 16, 32)),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine 1 thread is often several times faster
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -151,25 +138,9 @@ def test_non_square_images_give_a_non_square_grid(weights):
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_a_unified_model_takes_a_vpit_step_with_a_cnn_encoder(name, weights, tmp_path):
-    bb = save_tiny_backbone(tmp_path / "bb", "llama")
+def test_a_unified_model_takes_a_vpit_step_with_a_cnn_encoder(name, weights, vpit_step):
     kwargs = {"model_name": name, "pretrained": str(weights[name]), "model_kwargs": SIZE}
-    cfg = tiny_model_config(bb, encoder={"name": "timm", "kwargs": {**kwargs, "num_tokens": 4}})
-    torch.manual_seed(0)
-    model = MetaMorphModel.from_config(cfg)
-    batch = model.prepare_batch([samples.understanding(size=40), samples.generation(size=40)])
-    model.train()
-    out = model(**batch)
-    assert out.visual_tokens == 4 and torch.isfinite(out.loss) and out.visual_loss > 0
-    out.loss.backward()
-    grads = [p.grad for p in model.projector.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
-    assert not any(p.grad is not None for p in model.encoder.parameters())
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    loaded = MetaMorphModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
-    with torch.no_grad():
-        assert torch.equal(model.eval()(**batch).loss, loaded.eval()(**batch).loss)
+    vpit_step("timm", {**kwargs, "num_tokens": 4})
 
 
 def test_regnet_and_resnet_stages():

@@ -27,3 +27,8 @@ def register_encoders(register: Register) -> None:
         "metamorph_encoders.timm_encoder:TimmEncoder",
         description="any timm ViT (incl. *_siglip_*) or CNN (its feature maps); safetensors weights",
     )
+    register(
+        "open_clip",
+        "metamorph_encoders.open_clip_encoder:OpenClipEncoder",
+        description="any open_clip image tower (ViT, ResNet, timm-backed); needs the open_clip extra",
+    )

@@ -161,3 +161,36 @@ class ImageTransform:
             interpolation=interpolation,
             crop_rounding="round",
         )
+
+    @classmethod
+    def from_open_clip(cls, preprocess: dict[str, Any]) -> ImageTransform:
+        """From an open_clip preprocess config (``size``, ``mean``, ``std``, ``interpolation``,
+        ``resize_mode``), following open_clip's eval transform: ``shortest`` resizes the
+        shortest edge to the (square) size and centre-crops, ``squash`` resizes both edges."""
+        size = _pair(preprocess["size"])
+        mode = preprocess.get("resize_mode") or "shortest"
+        interpolation = preprocess.get("interpolation") or "bicubic"
+        if interpolation not in ("nearest", "bilinear", "bicubic"):
+            raise ValueError(
+                f"open_clip preprocess config: interpolation '{interpolation}' is not supported "
+                "(bicubic, bilinear and nearest are); pass image_transform= explicitly"
+            )
+        if mode == "squash":
+            resize: int | None = None
+        elif mode == "shortest" and size[0] == size[1]:
+            resize = size[0]
+        else:
+            shape = " to a non-square size" if mode == "shortest" else ""
+            raise ValueError(
+                f"open_clip preprocess config: resize_mode '{mode}'{shape} is not supported "
+                "(shortest to a square and squash are); pass image_transform= explicitly"
+            )
+        return cls(
+            size=size,
+            mean=tuple(preprocess["mean"]),
+            std=tuple(preprocess["std"]),
+            resize=resize,
+            center_crop=resize is not None,
+            interpolation=interpolation,
+            crop_rounding="round",  # torchvision's CenterCrop
+        )

@@ -13,6 +13,7 @@ PROVIDED_BY: dict[tuple[str, str], str] = {
     ("encoder", "siglip2"): "metamorph-encoders",
     ("encoder", "clip"): "metamorph-encoders",
     ("encoder", "timm"): "metamorph-encoders",
+    ("encoder", "open_clip"): "metamorph-encoders",
     ("decoder", "sd-unet"): "metamorph-decoders",
     ("adapter", "mlp"): "metamorph-decoders",
     ("adapter", "query"): "metamorph-decoders",
