@@ -418,3 +418,50 @@ def test_generate_image_answers_as_the_training_data_does(make_model):
 def test_several_prompt_images_are_laid_out_as_the_research_demo():
     (conv,) = to_conversations("what changed?", [image(1), image(2)])
     assert conv.turns[0].content == "<image><image>\nwhat changed?"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"visual_guidance_scale": 2.0}, {"do_sample": True, "seed": 3, "temperature": 0.8}],
+    ids=["greedy", "guidance", "sampling"],
+)
+def test_static_cache_matches_dynamic(model, options):
+    static = {**options, "cache_implementation": "static"}
+    same(
+        model.generate(PROMPTS, max_new_tokens=40, **options),
+        model.generate(PROMPTS, max_new_tokens=40, **static),
+    )
+    same(
+        model.generate_image(PROMPTS[:2], response_prefix=ANSWER, **options),
+        model.generate_image(PROMPTS[:2], response_prefix=ANSWER, **static),
+    )
+
+
+def test_compiled_step_is_one_graph_with_the_same_results(model, monkeypatch):
+    """The compiled step traces without graph breaks (a CUDA graph needs the whole step) and
+    gives the eager results. Traced with dynamo's eager backend: inductor's CPU compile takes a
+    minute; the GPU check (tests/test_cuda.py) compiles for real."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from metamorph_core.generation import loop
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: real(fn, backend="eager"))
+    monkeypatch.setattr(loop, "_COMPILED", type(loop._COMPILED)())
+    torch._dynamo.reset()
+    counters.clear()
+    static = {"cache_implementation": "static"}
+    eager = model.generate(PROMPTS, max_new_tokens=40, **static)
+    same(eager, model.generate(PROMPTS, max_new_tokens=40, compile=True, **static))
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_static_and_compile_options_are_checked():
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        GenerationConfig(cache_implementation="paged")
+    with pytest.raises(ValueError, match="'static' needs use_cache=True"):
+        GenerationConfig(cache_implementation="static", use_cache=False)
+    with pytest.raises(ValueError, match="compile=True compiles the step on a static cache"):
+        GenerationConfig(compile=True)

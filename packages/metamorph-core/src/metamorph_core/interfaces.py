@@ -140,6 +140,14 @@ class Backbone(Component, ABC):
         of the model. A backbone that returns none (the default) is sharded as one unit."""
         return []
 
+    def static_cache(self, max_length: int) -> Any:
+        """A KV cache for :meth:`forward` allocated once for ``max_length`` positions (the
+        generation option ``cache_implementation="static"``)."""
+        raise NotImplementedError(
+            f"backbone {type(self).__name__} has no static KV cache; generate with "
+            "cache_implementation='dynamic'"
+        )
+
 
 class VisualLoss(nn.Module, ABC):
     """Per-token visual loss: ``(t, c)`` predictions and targets -> ``(t,)`` losses.

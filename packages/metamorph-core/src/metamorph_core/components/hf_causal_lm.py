@@ -308,6 +308,11 @@ class HFCausalLM(Backbone):
     def blocks(self) -> list[nn.Module]:
         return transformer_blocks(self.causal_lm)
 
+    def static_cache(self, max_length: int) -> Any:
+        from transformers import StaticCache
+
+        return StaticCache(config=self.causal_lm.config, max_cache_len=max_length)
+
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         """The full model in transformers format (trained image-token rows written into its
         embedding matrix); with LoRA, only the peft adapter (and the tokenizer), referring to

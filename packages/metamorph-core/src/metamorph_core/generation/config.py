@@ -7,6 +7,9 @@ from typing import Any
 
 from metamorph_core.decoding import DecodeConfig
 
+#: the KV caches generation can use
+CACHES = ("dynamic", "static")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -27,6 +30,14 @@ class GenerationConfig:
     image is decoded on its own as it completes, so its pixels do not depend on the batch.
     ``use_cache=False`` recomputes the whole sequence at every step (for reference and
     benchmarks only: same results, much slower).
+
+    ``cache_implementation="static"`` allocates the KV cache once, as long as the batch can
+    grow (its prompts and every sample's budget, within the context, rounded up to a multiple
+    of 128), so that every step has the same shapes; ``compile=True`` then runs the per-token
+    step through ``torch.compile(mode="reduce-overhead")``: on a GPU the step is captured as a
+    CUDA graph once per batch size and cache length and replayed, instead of launching each
+    kernel from Python. A static batch takes no newcomers (continuous batching waits for it
+    to end). Same results as the dynamic cache.
     """
 
     max_new_tokens: int = 256
@@ -41,6 +52,8 @@ class GenerationConfig:
     decode_images: bool = False
     decoding: DecodeConfig | dict[str, Any] | None = None
     use_cache: bool = True
+    cache_implementation: str = "dynamic"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +94,19 @@ class GenerationConfig:
                 self.visual_guidance_scale >= 0,
                 "visual_guidance_scale must be >= 0 (1.0: no guidance), got "
                 f"{self.visual_guidance_scale}",
+            ),
+            (
+                self.cache_implementation in CACHES,
+                f"cache_implementation must be one of {CACHES}, got {self.cache_implementation!r}",
+            ),
+            (
+                self.use_cache or self.cache_implementation == "dynamic",
+                "cache_implementation='static' needs use_cache=True",
+            ),
+            (
+                not self.compile or self.cache_implementation == "static",
+                "compile=True compiles the step on a static cache; set "
+                "cache_implementation='static' (and use_cache=True)",
             ),
         ]
         for ok, message in checks:

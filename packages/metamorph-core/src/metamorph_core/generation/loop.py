@@ -6,6 +6,7 @@ whole sequence recomputed), then each sample takes a visual token, the forced
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +48,19 @@ class _Rows:
     """The batch's sequences on the backbone: a KV cache, or (``use_cache=False``) the whole
     sequence recomputed at every step. Finished rows keep a place (masked, position frozen)
     unless :meth:`keep` drops them; :meth:`merge` adds prefilled rows (joining mid-generation).
+    ``static_length``: the cache is allocated once for that many positions and every step
+    sees the whole ``(r, static_length)`` mask (same shapes each step); ``compiled``: the steps
+    run through the backbone's compiled forward (:func:`_compiled_step`).
     """
 
     def __init__(
-        self, backbone: Any, embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool
+        self,
+        backbone: Any,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        use_cache: bool,
+        static_length: int | None = None,
+        compiled: bool = False,
     ) -> None:
         self.backbone, self.use_cache = backbone, use_cache
         self.mask = mask  # (r, l) long
@@ -58,23 +68,46 @@ class _Rows:
         self.next_position = self.positions[:, -1] + 1  # (r,)
         self.embeds = embeds  # (r, l, d); only the last step's when cached
         self.cache: Any = None
+        self.static_length = static_length
+        self.static_mask: torch.Tensor | None = None  # (r, static_length)
+        self.compiled = compiled
+        self.forward_step = _compiled_step(backbone) if compiled else backbone
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; ``(r, d)`` hidden states at their last positions."""
+        cache = None
+        if self.static_length is not None:
+            cache = self.backbone.static_cache(self.static_length)
+            r, width = self.mask.shape
+            self.static_mask = self.mask.new_zeros(r, self.static_length)
+            self.static_mask[:, :width] = self.mask
         out = self.backbone(
             self.embeds,
             attention_mask=self.mask,
             position_ids=self.positions,
+            cache=cache,
             use_cache=self.use_cache,
         )
-        self.cache = out.cache
+        self.cache = cache if cache is not None else out.cache
         return out.hidden_states[:, -1]
 
     def step(self, embeds: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Append one input per row (``(r, d)`` embeddings; rows not ``alive`` are masked)."""
         position = self.next_position[:, None]
+        column = self.mask.shape[1]
         self.mask = torch.cat([self.mask, alive[:, None].to(self.mask.dtype)], dim=1)
         self.next_position = self.next_position + alive.long()
+        if self.static_mask is not None:  # the cache keeps its size and object
+            self.static_mask[:, column] = alive.to(self.static_mask.dtype)
+            out = self.forward_step(
+                embeds[:, None],
+                attention_mask=self.static_mask,
+                position_ids=position,
+                cache=self.cache,
+                use_cache=True,
+            )
+            # a CUDA graph's next replay overwrites its outputs
+            return out.hidden_states[:, -1].clone() if self.compiled else out.hidden_states[:, -1]
         if self.use_cache:
             out = self.backbone(
                 embeds[:, None],
@@ -131,6 +164,23 @@ class _Rows:
         else:
             self.embeds = self.embeds[rows, first:]
             self.positions = self.positions[rows, first:]
+
+
+#: each backbone's compiled forward, made once (compiled graphs are cached by torch per shape)
+_COMPILED: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(backbone: Any) -> Callable[..., Any]:
+    """``backbone``'s forward through ``torch.compile(mode="reduce-overhead")``: on CUDA, each
+    shape (batch size, cache length) is captured as a CUDA graph once and replayed."""
+    if backbone not in _COMPILED:
+        _COMPILED[backbone] = torch.compile(backbone.forward, mode="reduce-overhead")
+    return _COMPILED[backbone]
+
+
+#: static caches are allocated in multiples of this many positions, so that batches of
+#: similar lengths share compiled graphs
+STATIC_CACHE_MULTIPLE = 128
 
 
 def _left_pad(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
@@ -253,7 +303,7 @@ class _Loop:
         self.limits: list[int] = []  # per sample
         self.generators: list[torch.Generator | None] = []  # per sample, when sampling
         self.order = self._add_samples(prompts, limits)
-        self.rows = self._rows(prompts)
+        self.rows = self._rows(prompts, limits)
         self.should_stop: Callable[[int], bool] | None = None
         self.admit: Callable[[int], Admission] | None = None
 
@@ -277,11 +327,27 @@ class _Loop:
             self.generators += make_generators(start, len(prompts), self.device)
         return list(range(first, len(self.samples)))
 
-    def _rows(self, prompts: Sequence[EncodedPrompt]) -> _Rows:
+    def _rows(self, prompts: Sequence[EncodedPrompt], limits: Sequence[int]) -> _Rows:
         rows = [p.sample for p in prompts]
         rows += [p.unconditional for p in prompts if p.unconditional is not None and self.guided]
         embeds, mask = embed_prompts(self.model, rows)
-        return _Rows(self.model.backbone, embeds, mask, self.config.use_cache)
+        c = self.config
+        static = None
+        if c.cache_implementation == "static":
+            static = mask.shape[1] + max(
+                self._room(len(p.sample.input_ids), limit)
+                for p, limit in zip(prompts, limits, strict=True)
+            )
+            static = -(-static // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+        return _Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile)
+
+    def _room(self, prompt_length: int, limit: int) -> int:
+        """The most positions a sample can add to its prompt: its image and ``<image_end>``
+        when forced; else each of its ``limit`` text tokens may open an image (``n`` tokens and
+        ``<image_end>`` more), within the context."""
+        if self.force_image:
+            return self.n + 1
+        return min(limit * (self.n + 2), self.limit - prompt_length)
 
     def _pushed_images(self, samples: Sequence[int]) -> list[GenerationEvent]:
         if not self.force_image:
@@ -371,7 +437,7 @@ class _Loop:
         check_room(self.model, prompts, self.force_image)
         _check_guidance(prompts, self.config)
         joined = self._add_samples(prompts, [m for _, m in admitted])
-        rows = self._rows(prompts)
+        rows = self._rows(prompts, [m for _, m in admitted])
         new_hidden = rows.prefill()
         if hidden is None:  # nothing was running: the new prompts are the batch
             self.rows, self.order, hidden = rows, joined, new_hidden
