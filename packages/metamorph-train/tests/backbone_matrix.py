@@ -238,6 +238,37 @@ def table(rows: list[Row], versions: str) -> str:
     return "\n".join([f"Checked with {versions}.", "", head, rule, *body]) + "\n"
 
 
+def write_colour_data(data: Path) -> Path:
+    """Images on disk and LLaVA JSONL records (``data/train.jsonl``, images beside it):
+    understanding and generation of three colours. Written once."""
+    import numpy as np
+    from PIL import Image
+
+    if (data / "train.jsonl").is_file():
+        return data
+    data.mkdir(parents=True, exist_ok=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
+    records = []
+    for name, rgb in colours.items():
+        Image.fromarray(np.tile(np.array(rgb, np.uint8), (16, 16, 1))).save(data / f"{name}.png")
+        ask = {"from": "human", "value": "<image>\nWhat colour is this?"}
+        draw = {"from": "human", "value": f"Generate an image of the colour {name}."}
+        records += [
+            {
+                "id": f"u-{name}",
+                "image": f"{name}.png",
+                "conversations": [ask, {"from": "gpt", "value": name}],
+            },
+            {
+                "id": f"g-{name}",
+                "image": f"{name}.png",
+                "conversations": [draw, {"from": "gpt", "value": "Here it is: <image>"}],
+            },
+        ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
 # -- FSDP2, under torchrun ---------------------------------------------------------------------
 def fsdp_check(backbone: Path, family: str) -> dict[str, Any]:
     """On every rank the same batch: the sharded model's loss and gathered gradients equal the

@@ -12,13 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
 import yaml
-from backbone_matrix import FAMILIES, NAMED, Row, family_row, saved_backbone, table
-from PIL import Image
+from backbone_matrix import (
+    FAMILIES,
+    NAMED,
+    Row,
+    family_row,
+    saved_backbone,
+    table,
+    write_colour_data,
+)
 
 from metamorph_core import MetaMorphModel
 from metamorph_core.cli import main as cli
@@ -77,7 +83,7 @@ class Matrix:
     def train_cli(self, family: str) -> bool:
         """`metamorph train` on a small LLaVA-format dataset, the template left at its default
         (``auto``; Qwen3 names ``chatml``): the losses fall and the final checkpoint loads."""
-        data = self.data()
+        data = write_colour_data(self.root / "data")
         model: dict = {
             "encoder": {
                 "name": "tiny-patch",
@@ -116,36 +122,6 @@ class Matrix:
         (answer,) = trained.generate(["What colour is this?"], max_new_tokens=4)
         assert answer.token_ids
         return True
-
-    def data(self) -> Path:
-        """Images on disk and LLaVA JSONL records: understanding and generation of colours."""
-        data = self.root / "data"
-        if (data / "train.jsonl").is_file():
-            return data
-        data.mkdir(parents=True)
-        colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
-        records = []
-        for name, rgb in colours.items():
-            pixels = np.tile(np.array(rgb, np.uint8), (16, 16, 1))
-            Image.fromarray(pixels).save(data / f"{name}.png")
-            ask = [{"from": "human", "value": "<image>\nWhat colour is this?"}]
-            records.append(
-                {
-                    "id": f"u-{name}",
-                    "image": f"{name}.png",
-                    "conversations": [*ask, {"from": "gpt", "value": name}],
-                }
-            )
-            draw = {"from": "human", "value": f"Generate an image of the colour {name}."}
-            records.append(
-                {
-                    "id": f"g-{name}",
-                    "image": f"{name}.png",
-                    "conversations": [draw, {"from": "gpt", "value": "Here it is: <image>"}],
-                }
-            )
-        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return data
 
 
 @pytest.fixture(scope="module")
