@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.metamorph-installed
-PACKAGES := packages/metamorph-core[lora,hub] packages/metamorph-encoders[open_clip] packages/metamorph-decoders packages/metamorph-train[all] packages/metamorph-eval[lmms,metrics] packages/metamorph-serve[test] packages/metamorph-toy
+PACKAGES := packages/metamorph-core[lora,hub,qlora] packages/metamorph-encoders[open_clip] packages/metamorph-decoders packages/metamorph-train[all] packages/metamorph-eval[lmms,metrics] packages/metamorph-serve[test] packages/metamorph-toy
 EXAMPLE_PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard examples/*/pyproject.toml))
 
 .PHONY: install test demo lint bench check-wheels

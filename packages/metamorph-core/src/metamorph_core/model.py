@@ -539,12 +539,15 @@ class MetaMorphModel(nn.Module):
         cache_dir: str | Path | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> MetaMorphModel:
         """Load a directory written by :meth:`save_pretrained`, or a Hugging Face Hub repo id
         (``"org/name"``) holding one; an existing local path wins. Hub ids are fetched with
         ``huggingface_hub.snapshot_download`` (the ``hub`` extra) at ``revision`` into
         ``cache_dir``; with ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` only the cache is
-        read. ``dtype`` overrides the backbone's recorded dtype."""
+        read. ``dtype`` overrides the backbone's recorded dtype; ``backbone_kwargs`` any of the
+        backbone's recorded load options (e.g. ``{"quantize": None}``: a QLoRA checkpoint's
+        base in full precision, ``{"attn_implementation": "sdpa"}``)."""
         return saving.load_model(
             cls,
             path,
@@ -553,6 +556,7 @@ class MetaMorphModel(nn.Module):
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            backbone_kwargs=backbone_kwargs,
         )
 
     def push_to_hub(

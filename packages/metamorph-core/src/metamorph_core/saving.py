@@ -165,11 +165,12 @@ def load_model(
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """A ``cls`` (:class:`~metamorph_core.model.MetaMorphModel`) from a directory written by
     :func:`save_model`, or from a Hub repo id holding one (fetched at ``revision`` into
     ``cache_dir``; see :func:`~metamorph_core.hub.resolve_pretrained`); ``dtype`` overrides the
-    backbone's recorded dtype."""
+    backbone's recorded dtype, ``backbone_kwargs`` any of its recorded load options."""
     path = resolve_pretrained(
         path,
         revision=revision,
@@ -192,7 +193,7 @@ def load_model(
     kinds = [k for k in KINDS if k in entries]
     try:
         built = {
-            kind: _load_component(path, kind, entries[kind], dtype)
+            kind: _load_component(path, kind, entries[kind], dtype, backbone_kwargs)
             for kind in kinds
             if "subfolder" in entries[kind] or kind in ("encoder", "backbone", "decoder")
         }
@@ -285,7 +286,13 @@ def _not_installed(
     )
 
 
-def _load_component(path: Path, kind: str, entry: dict[str, Any], dtype: str | None) -> nn.Module:
+def _load_component(
+    path: Path,
+    kind: str,
+    entry: dict[str, Any],
+    dtype: str | None,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
     kwargs = dict(entry["kwargs"])
     if "subfolder" in entry:
         sub = path / entry["subfolder"]
@@ -301,6 +308,8 @@ def _load_component(path: Path, kind: str, entry: dict[str, Any], dtype: str | N
         kwargs = {k: _in_checkpoint(path, kind, k, v) for k, v in kwargs.items()}
     if dtype is not None and kind == "backbone":
         kwargs["dtype"] = dtype
+    if kind == "backbone":
+        kwargs.update(backbone_kwargs or {})
     return create(kind, entry["name"], **kwargs)
 
 

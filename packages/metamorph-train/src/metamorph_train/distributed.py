@@ -24,6 +24,12 @@ def wrap(
         )
     if strategy == "ddp":
         return DistributedDataParallel(model)
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        raise ValueError(
+            "train.strategy=fsdp cannot shard 4-bit (bitsandbytes) base weights; train QLoRA "
+            "(objective.lora.quantize) with train.strategy=ddp, whose every rank holds the "
+            "4-bit base whole"
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

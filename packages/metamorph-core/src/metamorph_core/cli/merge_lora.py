@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from metamorph_core.cli import Run
 
@@ -15,8 +16,23 @@ def configure(parser: argparse.ArgumentParser) -> Run:
 
 def run(args: argparse.Namespace) -> int:
     from metamorph_core import MetaMorphModel
+    from metamorph_core.checkpoint import CONFIG_NAME, read_json
 
-    model = MetaMorphModel.from_pretrained(args.checkpoint)
+    path = Path(args.checkpoint)
+    recorded = {}
+    if (path / CONFIG_NAME).is_file():
+        backbone = read_json(path / CONFIG_NAME, path).get("components", {}).get("backbone", {})
+        recorded = backbone.get("load_kwargs", {})
+    if recorded.get("quantize"):
+        # QLoRA: the adapter goes into the full-precision base, never into 4-bit weights
+        print(
+            f"the checkpoint's base was loaded {recorded['quantize']}-quantised for training; "
+            "merging LoRA into the base in full precision (outputs differ from the quantised "
+            "model's by the quantisation error)"
+        )
+        model = MetaMorphModel.from_pretrained(path, backbone_kwargs={"quantize": None})
+    else:
+        model = MetaMorphModel.from_pretrained(args.checkpoint)
     model.merge_lora()
     print(f"merged LoRA into a full checkpoint: {model.save_pretrained(args.out)}")
     return 0

@@ -6,7 +6,9 @@ with an explicit dtype (transformers 5 would otherwise keep a checkpoint's own d
 ``<image_start>`` / ``<image_end>`` when the tokenizer lacks them, initialising their embedding
 rows (and untied ``lm_head`` rows) to the mean of the existing token rows. An embedding matrix
 padded beyond the tokenizer (Qwen) is never shrunk: new tokens take padded rows when there are
-any.
+any. ``quantize="nf4"`` loads the linear layers' weights in 4 bits (bitsandbytes NF4 with double
+quantisation, the ``qlora`` extra) for QLoRA: such a backbone trains through LoRA and is saved as
+its adapter.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class HFCausalLM(Backbone):
         lora_adapter: str | Path | None = None,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
+        quantize: str | None = None,
     ) -> None:
         super().__init__()
         self._lora: dict[str, Any] | None = None
@@ -76,6 +79,8 @@ class HFCausalLM(Backbone):
         extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
+        if quantize is not None:
+            extra.update(_quantization(quantize, torch_dtype, pretrained))
         if pretrained is not None and torch.get_default_device().type == "meta":
             # building the shape only (FSDP2 meta-device initialisation: the weights arrive
             # from another rank once the model is sharded)
@@ -147,6 +152,9 @@ class HFCausalLM(Backbone):
             "trust_remote_code": trust_remote_code,
             "attn_implementation": attn_implementation,
         }
+        self.quantize = quantize
+        if quantize is not None:
+            self._init_kwargs["quantize"] = quantize
 
     def _add_image_tokens(self) -> None:
         """Add the image tokens if the tokenizer lacks them, and give every token id an
@@ -244,6 +252,14 @@ class HFCausalLM(Backbone):
     def merge_lora(self) -> None:
         if self._lora is None:
             raise ValueError("the backbone has no LoRA to merge")
+        if self.quantize is not None:
+            raise ValueError(
+                f"the backbone's base weights are {self.quantize}-quantised: merging LoRA into "
+                "them would round the merged weights to 4 bits again and lose most of what "
+                "LoRA learnt. Merge into the full-precision base instead: `metamorph "
+                "merge-lora CKPT OUT` does (it loads the checkpoint with "
+                "backbone_kwargs={'quantize': None}, then merges)"
+            )
         self.lm = self.lm.merge_and_unload()
         self._lora = None
 
@@ -322,6 +338,12 @@ class HFCausalLM(Backbone):
         self.tokenizer.save_pretrained(str(directory))
         kwargs = {**self._init_kwargs, "dtype": dtype_name(self.dtype)}
         self._write_back_image_token_rows()
+        if self._lora is None and self.quantize is not None:
+            raise ValueError(
+                f"a backbone loaded with quantize='{self.quantize}' is saved as its LoRA "
+                "adapter (its base stays where it was loaded from); apply LoRA to train it, "
+                "or load the base without quantize to save it whole"
+            )
         if self._lora is None:
             self.lm.save_pretrained(str(directory))
             return {**kwargs, "strict": True}
@@ -351,6 +373,43 @@ class HFCausalLM(Backbone):
         except ValueError:  # another drive: only an absolute path can say where it is
             return {**kwargs, "pretrained": str(self._base_dir)}
         return {**kwargs, "pretrained": f"{CHECKPOINT_DIR}/{relative}"}
+
+
+#: ``quantize`` values: the frozen base weights' storage for QLoRA (bitsandbytes)
+QUANTIZE = ("nf4",)
+
+
+def _quantization(
+    quantize: str, dtype: torch.dtype, pretrained: str | Path | None
+) -> dict[str, Any]:
+    """``from_pretrained`` options loading the linear layers' weights in 4-bit NF4 with double
+    quantisation (QLoRA), computing in ``dtype``, on this process's accelerator or the CPU."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize '{quantize}'; use one of {QUANTIZE} or None")
+    if pretrained is None:
+        raise ValueError("quantize needs pretrained weights (pretrained=), not a random config")
+    if torch.get_default_device().type == "meta":
+        raise ValueError("a quantised backbone cannot be built on the meta device (FSDP2)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"quantize='{quantize}' stores the LLM's weights in 4 bits with bitsandbytes, "
+            "which is not installed: pip install 'metamorph-core[qlora]'"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    if torch.cuda.is_available():  # quantised as it loads, onto this process's GPU
+        device: str = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
+    else:
+        device = "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def transformer_blocks(lm: nn.Module) -> list[nn.Module]:

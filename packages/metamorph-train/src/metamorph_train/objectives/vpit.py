@@ -7,7 +7,8 @@ Recipe section::
       name: vpit
       policy: full            # which parameters train: full | projector | lora (POLICIES):
                               # projector = the projector + the image tokens' embedding rows
-      lora: {r: 16, alpha: 32}   # policy lora: HFCausalLM.apply_lora options
+      lora: {r: 16, alpha: 32}   # policy lora: HFCausalLM.apply_lora options, and
+                              # quantize: nf4 for QLoRA (the base's linear weights in 4 bits)
       init_from: null         # a MetaMorph checkpoint to start from (e.g. stage 1's final);
                               # model: then holds only settings to change (loss weights ...)
       pack_to: null           # pack samples into rows of this many tokens
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from metamorph_core.components.hf_causal_lm import QUANTIZE
 from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues
 from metamorph_core.pixels import Pixels, split_pixels
 from metamorph_core.sequence import IGNORE_INDEX
@@ -140,6 +142,12 @@ class VPiTOptions:
                 f"recipe key 'objective.lora' is set but objective.policy is '{self.policy}'; "
                 "set objective.policy: lora or drop objective.lora"
             )
+        quantize = (self.lora or {}).get("quantize")
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(
+                f"recipe key 'objective.lora.quantize' = {quantize!r}: use one of {QUANTIZE} "
+                "(QLoRA's 4-bit NF4 base weights) or leave it out"
+            )
 
 
 class VPiTObjective(Objective):
@@ -175,16 +183,25 @@ class VPiTObjective(Objective):
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> VPiTObjective:
-        from metamorph_core import MetaMorphModel
+        from metamorph_core import MetaMorphConfig, MetaMorphModel
+        from metamorph_core.config import ComponentSpec
 
         o: VPiTOptions = recipe.options
+        lora = dict(o.lora or {})
+        quantize = lora.pop("quantize", None)  # QLoRA: the frozen base weights in 4 bits
         if o.init_from:
-            model = MetaMorphModel.from_pretrained(o.init_from)
+            loaded = {"quantize": quantize} if quantize else None
+            model = MetaMorphModel.from_pretrained(o.init_from, backbone_kwargs=loaded)
             model.update_config(**recipe.model)  # e.g. stage 2 turns the visual loss on
         else:
-            model = MetaMorphModel.from_config(recipe.model)
+            config = MetaMorphConfig.from_dict(dict(recipe.model))
+            if quantize:
+                spec = config.backbone
+                spec = ComponentSpec(spec.name, {**spec.kwargs, "quantize": quantize})
+                config = replace(config, backbone=spec)
+            model = MetaMorphModel.from_config(config)
         if o.policy == "lora":
-            model.apply_lora(**(o.lora or {}))
+            model.apply_lora(**lora)
         return cls(model, o.policy, o.pack_to, o.prompt_dropout, o.visual_input_noise)
 
     def feature_cache(self, path: str) -> FeatureCache:
