@@ -18,7 +18,13 @@ matmul peak first and hands it to each section for MFU:
   the ``lora`` recipe) and the so400m encoder: the generation-target step, batch 4 x 1024; peak
   CUDA memory.
 - ``generate-1b``: the 1B model in bf16: visual tokens/s with the KV cache vs the recompute
-  loop, batch 1 and 8, from 128-token prompts (as ``bench_generation.py``).
+  loop, the static cache and the static cache with the step compiled (CUDA graphs), batch 1
+  and 8, from 128-token prompts (as ``bench_generation.py``); text tokens/s with the static
+  cache and CUDA graphs against transformers' ``generate`` with its static cache (which it
+  compiles on CUDA).
+- ``qlora-8b``: the 8B backbone loaded in 4-bit NF4 (``quantize="nf4"``, from random bf16
+  weights saved in the run's temporary directory) with LoRA r16: the step at batch 4 x 1024
+  and its peak memory.
 
 MFU counts model FLOPs as ``workloads.py`` says (a LoRA backbone's frozen weights at 4 FLOPs
 per parameter and token). ``--smoke`` runs every section on tiny shapes (on the CPU when there
@@ -57,7 +63,7 @@ from harness import (
 
 from metamorph_train.objectives import VPiTObjective
 
-SECTIONS = ("train-1b", "llava-1b", "lora-8b", "generate-1b")
+SECTIONS = ("train-1b", "llava-1b", "lora-8b", "generate-1b", "qlora-8b")
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,14 @@ def add_mfu(result: Result, flops: float, peak_gflops: float) -> None:
 
 def record_memory(
     suite: Suite, name: str, config: dict[str, Any], model: Any, step: W.Step
-) -> None:
+) -> float | None:
     """Peak memory since the last reset (CUDA allocations; RSS on the CPU) and the exact size
-    of the weights, gradients and optimizer state after ``step``."""
+    of the weights, gradients and optimizer state after ``step``; returns the CUDA peak in GiB
+    (``None`` on the CPU)."""
     figures = {k: v for k, v in peak_memory().items() if "CUDA" in k or "since reset" in k}
     suite.record(name, {**figures, **W.state_mib(model, step.optimizer)}, config)
+    cuda = figures.get("MiB peak CUDA allocated")
+    return None if cuda is None else cuda / 1024
 
 
 # -- sections (each runs in a process of its own) --------------------------------------------
@@ -225,6 +234,12 @@ def generate_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) ->
 
     model = W.build_random_model(tmp, s.small, s.encoder, args.device, dtype="bfloat16").eval()
     cached, recompute = GenerationConfig(), GenerationConfig(use_cache=False)
+    static = GenerationConfig(cache_implementation="static")
+    # CUDA graphs on a GPU; a smoke run on the CPU leaves the compiled cases out (inductor's
+    # CPU compile takes a minute per shape and needs a C++ compiler)
+    cuda = args.device.startswith("cuda")
+    graphs = GenerationConfig(cache_implementation="static", compile=True)
+    ours = "static cache + CUDA graphs" if cuda else "static cache"
     n = model.num_image_tokens
     for b in (1, 8):
         batch = G.prompts(model, b, image=True)
@@ -236,22 +251,120 @@ def generate_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) ->
         if diff > 0.1:  # unit vectors; bf16 kernels differ between the two paths
             raise SystemExit(f"batch {b}: cached and recomputed visual tokens differ by {diff}")
         cfg = {"batch": b, "prompt_tokens": G.PROMPT_TOKENS, "dtype": "bf16 weights", "diff": diff}
+        configs = {"recompute loop": recompute, "KV cache": cached, "static cache": static}
+        if cuda:
+            configs["static cache + CUDA graphs"] = graphs
         suite.measure(
-            Case(
-                f"1B image b{b}: recompute loop",
-                lambda batch=batch: G.generate(model, batch, recompute, True),
-                cfg,
-                {"visual tokens": b * n},
+            *(
+                Case(
+                    f"1B image b{b}: {name}",
+                    lambda batch=batch, c=c: G.generate(model, batch, c, True),
+                    cfg,
+                    {"visual tokens": b * n},
+                )
+                for name, c in configs.items()
             ),
-            Case(
-                f"1B image b{b}: KV cache",
-                lambda batch=batch: G.generate(model, batch, cached, True),
-                cfg,
-                {"visual tokens": b * n},
-            ),
-            warmup=1,
+            warmup=2,  # the first call of a shape compiles and captures
             repeats=args.repeats,
         )
+    targets = {1: 300.0, 8: 2000.0}
+    for r in suite.results:
+        if r.name.endswith("CUDA graphs") and "visual tokens/s" in r.figures:
+            b = r.config["batch"]
+            rate = r.figures["visual tokens/s"]
+            met = rate >= targets[b]
+            suite.target(
+                f"1B visual tokens/s at batch {b} >= {targets[b]:.0f}", met, f"{rate:.0f}/s"
+            )
+    lm = model.backbone.causal_lm
+    lm.generation_config.eos_token_id = None  # both run to the token budget
+    lm.generation_config.pad_token_id = model.sequence_builder.pad_id
+    text = GenerationConfig(
+        max_new_tokens=G.NEW_TEXT_TOKENS,
+        ignore_eos=True,
+        cache_implementation="static",
+        compile=cuda,
+    )
+    for b in (1, 8):
+        batch = G.prompts(model, b, image=False)
+        ids = torch.tensor([p.sample.input_ids for p in batch], device=args.device)
+
+        def hf(ids: torch.Tensor = ids) -> torch.Tensor:
+            with torch.no_grad():  # transformers compiles its static-cache decoding on CUDA
+                out = lm.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=G.NEW_TEXT_TOKENS,
+                    do_sample=False,
+                    cache_implementation="static",
+                )
+            return out[:, ids.shape[1] :]
+
+        cfg = {"batch": b, "prompt_tokens": G.PROMPT_TOKENS, "new_tokens": G.NEW_TEXT_TOKENS}
+        counts = {"text tokens": b * G.NEW_TEXT_TOKENS}
+        suite.measure(
+            Case(f"1B text b{b}: transformers generate, static cache", hf, cfg, counts),
+            Case(
+                f"1B text b{b}: metamorph, {ours}",
+                lambda batch=batch: G.generate(model, batch, text, False),
+                cfg,
+                counts,
+            ),
+            warmup=2,
+            repeats=args.repeats,
+        )
+
+
+def qlora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
+    """The 8B-shaped LLM (random bf16 weights saved once) loaded through the backbone's
+    ``quantize="nf4"`` (QLoRA), LoRA r16 on every linear layer, the so400m encoder: the
+    generation-target step at batch 4 x 1024 and its peak memory (target <= 24 GiB)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metamorph_core import MetaMorphModel
+    from metamorph_core.testing import build_tiny_tokenizer
+
+    path = tmp / "llm"
+    with torch.device(args.device):
+        config = AutoConfig.for_model("llama", **s.large)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    lm.save_pretrained(str(path))
+    build_tiny_tokenizer("llama").save_pretrained(str(path))
+    del lm
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    backbone = {"pretrained": str(path), "dtype": "bfloat16", "quantize": "nf4"}
+    backbone["attn_implementation"] = "sdpa"
+    encoder = {"config": s.encoder, "dtype": "bfloat16", "seed": 0, "attn_implementation": "sdpa"}
+    torch.manual_seed(0)
+    model = MetaMorphModel.from_config(W.model_config(encoder, backbone, 64)).to(args.device)
+    model.apply_lora(r=16, alpha=32)
+    objective = VPiTObjective(model)
+    params = W.trainable(objective, "lora")
+    lora = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "backbone." in n
+    )
+    convs = W.conversations(model, [s.sequence] * s.pair_batch, ["generation"] * s.pair_batch)
+    batch = objective.batch(convs, 0)
+    model.train()
+    cfg = {
+        "backbone": "8B, NF4 base weights (double quantisation), LoRA r16 all-linear",
+        "batch": s.pair_batch,
+        "sequence": s.sequence,
+        "dtype": "bf16 autocast",
+        "trainable_M": sum(p.numel() for p in params) / 1e6,
+    }
+    step = W.Step(W.vpit_loss(objective, batch), params, args.device, bf16=True)
+    reset_peak_memory()
+    step()
+    peak = record_memory(suite, "8B QLoRA: peak memory of a step", cfg, model, step)
+    if peak is not None:
+        suite.target("8B QLoRA step peak <= 24 GiB", peak <= 24.0, f"{peak:.1f} GiB")
+    tokens = {"tokens": float(sum(W.sample_lengths(batch)))}
+    (r,) = suite.measure(
+        Case("8B QLoRA, generation target", step, cfg, tokens), warmup=1, repeats=args.repeats
+    )
+    add_mfu(r, W.step_flops(model, batch, backbone="lora", lora_params=lora), args.peak_gflops)
 
 
 RUN: dict[str, Callable[[Suite, argparse.Namespace, Shapes, Path], None]] = {
@@ -259,6 +372,7 @@ RUN: dict[str, Callable[[Suite, argparse.Namespace, Shapes, Path], None]] = {
     "llava-1b": llava_1b,
     "lora-8b": lora_8b,
     "generate-1b": generate_1b,
+    "qlora-8b": qlora_8b,
 }
 
 
