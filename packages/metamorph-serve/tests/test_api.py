@@ -253,3 +253,21 @@ def test_sampling_options_map_to_the_generation_config(serve, model):
     config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
     (want,) = model.generate("two plus three", config=config)
     assert got == want.text
+
+
+def test_a_static_cache_server_answers_as_the_library(serve, model):
+    client = serve(cache_implementation="static")
+    health = client.get("/health").json()
+    assert health["cache_implementation"] == "static" and health["continuous_batching"] is False
+    body = {"messages": [_user(BLUE)], "max_tokens": 40,
+            "metamorph": {"return_visual_tokens": True, "decode_images": False}}  # fmt: skip
+    parts = client.post(CHAT, json=body).json()["choices"][0]["message"]["content"]
+    (want,) = model.generate(BLUE, max_new_tokens=40)
+    assert "<image>".join(p["text"] for p in parts if p["type"] == "text") == want.text
+    (tokens,) = [p["visual_tokens"] for p in parts if p["type"] == "visual_tokens"]
+    got = np.frombuffer(base64.b64decode(tokens["data"]), "<f4").reshape(tokens["shape"])
+    assert torch.allclose(torch.from_numpy(got.copy()), want.images[0], atol=1e-5)
+    from metamorph_serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="compile=True compiles the step on a static cache"):
+        ServeSettings(compile=True)

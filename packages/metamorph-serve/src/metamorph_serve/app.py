@@ -63,6 +63,8 @@ def create_app(
         log,
         thread=engine_thread,
         continuous=settings.continuous_batching,
+        cache_implementation=settings.cache_implementation,
+        compile=settings.compile,
     )
 
     @contextlib.asynccontextmanager
@@ -150,6 +152,8 @@ def create_app(
             "joined": s.joined,
             "largest_batch": s.largest_batch,
             "continuous_batching": engine.continuous,
+            "cache_implementation": engine.cache_implementation,
+            "compile": engine.compile,
             "cancelled": s.cancelled,
             "timed_out": s.timed_out,
             "failures": s.failures,

@@ -44,6 +44,18 @@ def configure(parser: argparse.ArgumentParser) -> Run:
         help="requests arriving while a batch runs join it at the next step (default); "
         "--no-continuous-batching: they wait for the next batch",
     )
+    g.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="allocate each batch's KV cache once (same shapes every step); requests then join "
+        "at the next batch, not mid-batch",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the per-token step on a static cache (CUDA graphs on a GPU: the first "
+        "batch of each size compiles); implies --static-cache",
+    )
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests; beyond: 429")
     g = p.add_argument_group("limits (each refused with a 4xx naming it)")
     g.add_argument("--max-tokens", type=int, default=1024, help="most tokens an answer may ask for")
@@ -84,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1000,
         continuous_batching=args.continuous_batching,
+        cache_implementation="static" if args.static_cache or args.compile else "dynamic",
+        compile=args.compile,
         max_queue=args.max_queue,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,

@@ -125,14 +125,19 @@ class Engine:
         log: Callable[[str], None] | None = None,
         thread: bool = True,
         continuous: bool = True,
+        cache_implementation: str = "dynamic",
+        compile: bool = False,
     ) -> None:
         """``thread``: generate in a thread of the engine's own, started now; ``False``: the
         caller runs :meth:`run` in a thread of its choice (``metamorph serve`` runs it in the
         main thread, where the model was loaded: torch's CPU kernels run ~1.5x slower at
         batch 1 from another thread, its OpenMP workers being tied to the thread that first
-        used them). ``continuous``: requests join a running batch (else only the next one)."""
+        used them). ``continuous``: requests join a running batch (else only the next one);
+        ``cache_implementation`` and ``compile``: the generation options of every batch (a
+        static cache takes no request mid-batch, so it turns ``continuous`` off)."""
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
-        self.continuous = continuous
+        self.continuous = continuous and cache_implementation == "dynamic"
+        self.cache_implementation, self.compile = cache_implementation, compile
         self.batch_wait_s, self.log = batch_wait_s, log
         self.stats = Stats()
         self._queue: deque[Job] = deque()
@@ -254,7 +259,13 @@ class Engine:
 
     def _generate(self, batch: list[Job]) -> None:
         first = batch[0]
-        config = dataclasses.replace(first.config, decode_images=False, decoding=None)
+        config = dataclasses.replace(
+            first.config,
+            decode_images=False,
+            decoding=None,
+            cache_implementation=self.cache_implementation,
+            compile=self.compile,
+        )
         events = stream_encoded(
             self.model,
             [j.prompt for j in batch],

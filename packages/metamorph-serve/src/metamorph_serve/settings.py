@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from metamorph_core.generation import GenerationConfig
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -12,7 +14,11 @@ class ServeSettings:
     ``/health`` and the chat page's static files, which hold no data); ``None``: no key.
     ``max_batch``: requests generated together; ``batch_wait_s``: how long the engine waits
     for more requests to join a batch it is about to start; ``continuous_batching``: requests
-    arriving while a batch runs join it at the next step (else they wait for the next batch). Limits, each refused with a 4xx
+    arriving while a batch runs join it at the next step (else they wait for the next batch).
+    ``cache_implementation``: the KV cache generation uses (``"static"``: allocated once per
+    batch, same shapes every step); ``compile``: the per-token step compiled on a static cache
+    (CUDA graphs on a GPU). A static cache cannot take requests mid-batch: with it, requests
+    join at the next batch whatever ``continuous_batching`` says. Limits, each refused with a 4xx
     naming it: ``max_queue`` requests waiting (429 beyond), ``max_request_bytes`` of body,
     ``max_image_pixels`` per input image, ``max_images`` per request, ``max_tokens`` per
     answer (``default_max_tokens`` when a request names none), ``max_n`` images per image
@@ -25,6 +31,8 @@ class ServeSettings:
     max_batch: int = 8
     batch_wait_s: float = 0.01
     continuous_batching: bool = True
+    cache_implementation: str = "dynamic"
+    compile: bool = False
     max_queue: int = 64
     max_request_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -60,5 +68,7 @@ class ServeSettings:
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens "
                 f"({self.max_tokens})"
             )
+        # the generation options checked as generation checks them
+        GenerationConfig(cache_implementation=self.cache_implementation, compile=self.compile)
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise ValueError(f"--allow-local-images '{self.allow_local_images}' is not a directory")
