@@ -87,6 +87,39 @@ def test_accumulation_normalises_by_all_tokens_of_the_step(backbone, tmp_path):
         assert all(torch.allclose(weights[0][k], other[k], atol=1e-6) for k in other)
 
 
+def test_checkpointing_policies_and_compiled_blocks_change_nothing(backbone, tmp_path, monkeypatch):
+    """Every other block recomputed, recomputed from host memory, or each block compiled:
+    the step's weights are the plain step's. (Compiled with dynamo's eager backend: inductor
+    takes a minute on the CPU; the graph capture and the module wiring are what is tested.)"""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: real(fn, backend="eager"))
+    runs = [
+        {},
+        {"gradient_checkpointing": True, "checkpoint_every": 2},
+        {"gradient_checkpointing": True, "checkpoint_offload": True},
+        {"compile": True},
+    ]
+    weights = []
+    for i, extra in enumerate(runs):
+        base = {"steps": 1, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0}
+        config = TrainerConfig(output_dir=str(tmp_path / str(i)), **base, **extra)
+        t = Trainer(_model(backbone), _data(), config, log=None)
+        blocks = t.objective.shard_units()
+        if extra.get("checkpoint_every") == 2:
+            assert [b.gradient_checkpointing for b in blocks] == [True, False]
+        if extra.get("compile"):
+            assert all(b._compiled_call_impl is not None for b in blocks)
+        t.run()
+        weights.append({k: v.detach().clone() for k, v in t.params.items()})
+    for other in weights[1:]:
+        assert all(torch.allclose(weights[0][k], other[k], atol=1e-6) for k in other)
+    bad = {"output_dir": str(tmp_path / "bad"), "steps": 1}
+    with pytest.raises(ValueError, match="set train.gradient_checkpointing: true"):
+        Trainer(_model(backbone), _data(), TrainerConfig(**bad, checkpoint_every=2), log=None)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        Trainer(_model(backbone), _data(), TrainerConfig(**bad, checkpoint_every=0), log=None)
+
+
 def test_sigkill_then_resume_ends_with_the_same_weights(backbone, tmp_path):
     straight = subprocess.run(
         [sys.executable, str(SCRIPT), str(backbone), str(tmp_path / "a"), "8", "0"],

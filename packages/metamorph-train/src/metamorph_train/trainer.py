@@ -81,8 +81,28 @@ class Trainer:
         if self.log is not None and self.rank == 0:
             for line in parameter_groups(model, names):
                 self.log(line)
+        if not isinstance(config.checkpoint_every, int) or config.checkpoint_every < 1:
+            raise ValueError(
+                f"train.checkpoint_every must be an integer >= 1, got {config.checkpoint_every!r}"
+            )
         if config.gradient_checkpointing:
-            self.objective.enable_gradient_checkpointing()
+            self.objective.enable_gradient_checkpointing(
+                config.checkpoint_every, config.checkpoint_offload
+            )
+        elif config.checkpoint_every != 1 or config.checkpoint_offload:
+            raise ValueError(
+                "train.checkpoint_every and train.checkpoint_offload choose how activations are "
+                "recomputed; set train.gradient_checkpointing: true for them to apply"
+            )
+        if config.compile:
+            units = self.objective.shard_units()
+            if not units:
+                raise ValueError(
+                    f"train.compile compiles the LLM's blocks, and objective "
+                    f"'{self.objective.name}' has none; leave train.compile off"
+                )
+            for unit in units:  # each block once; the same graph serves every block
+                unit.compile()
         device = config.device
         if device == "auto":
             local = int(os.environ.get("LOCAL_RANK", 0))

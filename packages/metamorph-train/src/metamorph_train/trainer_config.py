@@ -23,6 +23,9 @@ class TrainerConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward
+    checkpoint_every: int = 1  # with gradient_checkpointing: every N-th LLM block (1: all)
+    checkpoint_offload: bool = False  # ... the activations kept for the recompute in host memory
+    compile: bool = False  # torch.compile each LLM block (before FSDP2 shards it)
     strategy: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of every LLM block)
     device: str = "auto"  # auto: this rank's GPU (LOCAL_RANK) when there is one, else the CPU
     # under FSDP2: ranks other than 0 build the model on the meta device (no memory for the
@@ -48,6 +51,10 @@ class TrainerConfig:
 
 #: TrainerConfig fields that a resumed run may change (they leave the training untouched)
 TRACKING_FIELDS = (
+    "gradient_checkpointing",  # how the same step is computed: memory and speed only
+    "checkpoint_every",
+    "checkpoint_offload",
+    "compile",
     "loggers",
     "eval_every",
     "eval_batches",

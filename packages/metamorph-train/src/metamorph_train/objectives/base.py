@@ -32,6 +32,14 @@ class NoOptions:
     """The ``objective:`` section of an objective without options: its name only."""
 
 
+def checkpoint_transformers(model: Any, every: int, offload: bool) -> None:
+    """Activation checkpointing of a transformers model's layers: every ``every``-th one, the
+    activations kept for the recompute in host memory when ``offload``."""
+    model.activation_checkpointing_enable(
+        {"use_reentrant": False}, every_n_layers=every, offload=offload
+    )
+
+
 class Objective:
     """The interface the :class:`~metamorph_train.trainer.Trainer` drives.
 
@@ -112,7 +120,9 @@ class Objective:
         """Submodules FSDP2 shards on their own (transformer blocks), before the rest."""
         return []
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, every: int = 1, offload: bool = False) -> None:
+        """Recompute activations in backward: every ``every``-th block, their saved inputs in
+        host memory when ``offload``."""
         raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
 
     def signature(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import nn
 from metamorph_core.components.hf_causal_lm import transformer_blocks
 from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.data import TextDataset
-from metamorph_train.objectives.base import Objective
+from metamorph_train.objectives.base import Objective, checkpoint_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     from metamorph_train.recipe import Recipe
@@ -135,10 +135,8 @@ class CausalLMObjective(Objective):
     def shard_units(self) -> list[nn.Module]:
         return transformer_blocks(self.module)
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.module.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    def enable_gradient_checkpointing(self, every: int = 1, offload: bool = False) -> None:
+        checkpoint_transformers(self.module, every, offload)
 
     def save(self, path: Path) -> Path:
         from metamorph_core.checkpoint import atomic_directory

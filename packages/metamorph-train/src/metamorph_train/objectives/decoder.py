@@ -180,7 +180,12 @@ class DecoderObjective(Objective):
     def throughput(self, batch: dict[str, Any]) -> int:
         return int(batch["pixels"].shape[0])
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, every: int = 1, offload: bool = False) -> None:
+        if every != 1 or offload:
+            raise ValueError(
+                "the decoder objective checkpoints every block of the UNet (diffusers' own "
+                "switch); leave train.checkpoint_every at 1 and train.checkpoint_offload off"
+            )
         self.module.decoder.unet.enable_gradient_checkpointing()
 
     def save(self, path: Path) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 from metamorph_core.conversation import PixelValues
 from metamorph_train.data import PairDataset
-from metamorph_train.objectives.base import Objective
+from metamorph_train.objectives.base import Objective, checkpoint_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     from metamorph_train.recipe import Recipe
@@ -118,10 +118,8 @@ class SiglipObjective(Objective):
     def throughput(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].shape[0])
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.module.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    def enable_gradient_checkpointing(self, every: int = 1, offload: bool = False) -> None:
+        checkpoint_transformers(self.module, every, offload)
 
     def save(self, path: Path) -> Path:
         from metamorph_encoders.pretrain import save_siglip

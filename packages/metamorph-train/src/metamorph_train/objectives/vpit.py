@@ -32,7 +32,7 @@ from metamorph_core.conversation import Conversation, ImageFeatures, PixelValues
 from metamorph_core.pixels import Pixels, split_pixels
 from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.data import ConversationDataset
-from metamorph_train.objectives.base import Objective
+from metamorph_train.objectives.base import Objective, checkpoint_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     from metamorph_train.cache import FeatureCache
@@ -262,10 +262,8 @@ class VPiTObjective(Objective):
     def shard_units(self) -> list[nn.Module]:
         return self.module.backbone.blocks()
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.module.backbone.causal_lm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    def enable_gradient_checkpointing(self, every: int = 1, offload: bool = False) -> None:
+        checkpoint_transformers(self.module.backbone.causal_lm, every, offload)
 
     def save(self, path: Path) -> Path:
         return self.module.save_pretrained(path)
