@@ -17,8 +17,9 @@ What is compared, each pair in one process, runs interleaved:
   precomputed, as ``metamorph cache-features`` stores them); losses checked equal.
 - **packing vs padding** on a length-skewed batch (8 samples of 120-320 tokens, packed into
   rows of 320 vs padded to 320), fp32: real tokens/s; loss sums checked equal.
-- **full vs LoRA peak memory** (r 16, all linear layers, the ``lora`` recipe's parameters),
-  each configuration in its own subprocess (a process's peak only grows): peak RSS while
+- **full vs LoRA peak memory** (r 16, all linear layers, the ``lora`` recipe's parameters), and
+  on a text-heavy batch the whole vocabulary projection vs ``objective.loss_chunk`` (the
+  projection and cross-entropy in chunks, logits recomputed in backward), each configuration in its own subprocess (a process's peak only grows): peak RSS while
   training (peak CUDA allocation on a GPU) over two steps of the generation batch, and the
   exact size of weights, gradients and optimizer state.
 
@@ -59,6 +60,7 @@ from metamorph_core.sequence import IGNORE_INDEX
 from metamorph_train.objectives import VPiTObjective
 
 SEQUENCE, BATCH = 320, 4
+LOSS_CHUNK = 256  # objective.loss_chunk of the chunked memory run
 SKEWED = [320, 120, 120, 140, 130, 160, 150, 170]  # real tokens of the packing batch
 DTYPES = {"fp32": False, "bf16": True}
 
@@ -248,11 +250,15 @@ def memory_child(args: argparse.Namespace) -> int:
     apply_threads(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = build(Path(tmp), args.smoke, args.device)
-    if args.memory_child == "lora":
+    recipe = "lora" if args.memory_child == "lora" else "full"
+    if recipe == "lora":
         model.apply_lora(r=16, alpha=32)
-    objective = VPiTObjective(model)
-    params = W.trainable(objective, args.memory_child)
-    convs = W.conversations(model, [SEQUENCE] * BATCH, ["generation"] * BATCH, seed=1)
+    chunk = LOSS_CHUNK if args.memory_child == "text-chunked" else None
+    objective = VPiTObjective(model, loss_chunk=chunk)
+    params = W.trainable(objective, recipe)
+    # text-heavy (understanding, the answer filling the sample) for the chunked comparison
+    kind = "understanding" if args.memory_child.startswith("text") else "generation"
+    convs = W.conversations(model, [SEQUENCE] * BATCH, [kind] * BATCH, seed=1)
     batch = objective.batch(convs, 0)
     built = current_rss_mib()
     reset = reset_peak_memory()
@@ -275,7 +281,7 @@ def memory_child(args: argparse.Namespace) -> int:
 
 def memory(suite: Suite, args: argparse.Namespace) -> None:
     figures = {}
-    for recipe in ("full", "lora"):
+    for recipe in ("full", "lora", "text", "text-chunked"):
         child = [__file__, "--memory-child", recipe, "--device", args.device]
         child += ["--smoke"] if args.smoke else []
         child += ["--threads", str(args.threads)] if args.threads else []
@@ -285,12 +291,21 @@ def memory(suite: Suite, args: argparse.Namespace) -> None:
         cfg = {"recipe": recipe, "batch": BATCH, "sequence": SEQUENCE, "steps": 2}
         if recipe == "lora":
             cfg.update(r=16, alpha=32, target_modules="all-linear")
+        if recipe.startswith("text"):
+            cfg.update(recipe="full", batch_kind="understanding (answers fill the samples)")
+        if recipe == "text-chunked":
+            cfg.update(loss_chunk=LOSS_CHUNK)
         suite.record(f"peak memory: {recipe} (own process)", figures[recipe], cfg)
     key = "MiB peak CUDA allocated" if args.device != "cpu" else "MiB peak RSS while training"
     if key not in figures["full"]:
         key = "MiB peak RSS of the process (build included)"
     full, lora = figures["full"][key], figures["lora"][key]
     suite.note(f"LoRA peak memory {lora:,.0f} MiB = {lora / full:.2f}x full's {full:,.0f} ({key})")
+    text, chunked = figures["text"][key], figures["text-chunked"][key]
+    suite.note(
+        f"text-heavy batch: peak {text:,.0f} MiB whole, {chunked:,.0f} MiB with "
+        f"objective.loss_chunk={LOSS_CHUNK} ({key})"
+    )
 
 
 def main() -> int:
@@ -302,7 +317,9 @@ def main() -> int:
         default="llava,generation,packing,memory",
         help="comma-separated parts to run (the matmul peak always runs)",
     )
-    parser.add_argument("--memory-child", choices=("full", "lora"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", choices=("full", "lora", "text", "text-chunked"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args)

@@ -250,3 +250,24 @@ def test_input_noise_perturbs_only_what_the_llm_reads_of_generated_images(make_m
     assert noisy.visual_loss_sum.item() == pytest.approx(want.item(), rel=1e-5)
     assert noisy.visual_loss_sum.item() != pytest.approx(clean.visual_loss_sum.item(), rel=1e-3)
     assert again.visual_loss_sum.item() == noisy.visual_loss_sum.item()
+
+
+def test_chunked_text_loss_has_the_same_loss_and_gradients(make_model):
+    """``loss_chunk``: the vocabulary projection and cross-entropy a few positions at a time,
+    their logits recomputed in backward; the loss and every gradient as computed whole."""
+    model = make_model(family="qwen2")  # tied embeddings: the head's gradient has two paths
+    batch = model.prepare_batch([understanding(), generation(), text_only()])
+    grads = []
+    for chunk in (None, 3):
+        model.zero_grad()
+        out = model(**batch, return_logits=False, loss_chunk=chunk)
+        out.loss.backward()
+        grads.append((out.text_loss_sum.detach(), {n: p.grad.clone() for n, p in
+                      model.named_parameters() if p.grad is not None}))  # fmt: skip
+    (whole, a), (chunked, b) = grads
+    assert int(model(**batch).text_tokens) > 3  # more than one chunk
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    with pytest.raises(ValueError, match="loss_chunk must be an integer >= 1"):
+        model(**batch, return_logits=False, loss_chunk=0)

@@ -441,13 +441,18 @@ class MetaMorphModel(nn.Module):
         image_is_target: torch.Tensor | None = None,  # from collate/pack; the slots carry it
         sample_index: torch.Tensor | None = None,  # from pack; for per-sample accounting
         input_noise: tuple[float, int] | None = None,
+        loss_chunk: int | None = None,
     ) -> MetaMorphOutput:
         """VPiT forward. ``input_ids`` etc. ``(b, l)``; images as ``pixel_values`` (``(n, 3, h,
         w)``, or the encoder's dict of fields: :mod:`metamorph_core.pixels`) or precomputed
         ``image_features`` ``(n, num_tokens, c)``, in slot order. Packed rows (``position_ids``
         restarting per sample, no ``attention_mask``) attend within each sample only.
         ``input_noise`` ``(max_level, seed)``: the target images' tokens are read
-        through :func:`~metamorph_core.vision.perturb_tokens` (their targets stay clean)."""
+        through :func:`~metamorph_core.vision.perturb_tokens` (their targets stay clean).
+        ``loss_chunk`` (with ``return_logits=False``): the labelled positions go through the
+        vocabulary projection and cross-entropy that many at a time, each chunk's logits
+        recomputed in backward instead of kept (the ``(positions, vocabulary)`` logits never
+        exist at once); same loss and gradients."""
         head_dtype = module_dtype(self.head)
         tokens = read = None
         if image_slot_mask is not None and bool(image_slot_mask.any()):
@@ -476,10 +481,9 @@ class MetaMorphModel(nn.Module):
             shift_labels = labels[:, 1:]
             valid = shift_labels != IGNORE_INDEX
             if logits is not None:
-                picked = logits[:, :-1][valid]
+                text_sum = _text_loss_sum(logits[:, :-1][valid], shift_labels[valid])
             else:  # only the positions that carry a label reach the vocabulary projection
-                picked = self.backbone.logits(hidden[:, :-1][valid])
-            text_sum = F.cross_entropy(picked.float(), shift_labels[valid], reduction="sum")
+                text_sum = self._text_loss(hidden[:, :-1][valid], shift_labels[valid], loss_chunk)
             text_count = valid.sum().to(torch.float32)
 
         vis_sum, vis_count = zero, zero
@@ -500,6 +504,30 @@ class MetaMorphModel(nn.Module):
         loss = c.text_loss_weight * text_loss + c.visual_loss_weight * visual_loss
         return MetaMorphOutput(
             loss, text_loss, visual_loss, text_sum, text_count, vis_sum, vis_count, logits, hidden
+        )
+
+    def _text_loss(
+        self, states: torch.Tensor, targets: torch.Tensor, chunk: int | None
+    ) -> torch.Tensor:
+        """Summed cross-entropy of ``(t, d)`` final states against ``(t,)`` token ids; in
+        chunks of ``chunk`` positions whose logits backward recomputes."""
+        if chunk is None or len(states) <= chunk:
+            return _text_loss_sum(self.backbone.logits(states), targets)
+        if chunk < 1:
+            raise ValueError(f"loss_chunk must be an integer >= 1 (or None), got {chunk!r}")
+        from torch.utils.checkpoint import checkpoint
+
+        def piece(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return _text_loss_sum(self.backbone.logits(s), t)
+
+        return sum(
+            (
+                checkpoint(
+                    piece, states[i : i + chunk], targets[i : i + chunk], use_reentrant=False
+                )
+                for i in range(0, len(states), chunk)
+            ),
+            states.new_zeros((), dtype=torch.float32),
         )
 
     @staticmethod
@@ -586,3 +614,7 @@ class MetaMorphModel(nn.Module):
     def present_kinds(self) -> tuple[str, ...]:
         """The component kinds this model holds (the decoder only when one is attached)."""
         return (*_KINDS, "decoder") if self.decoder is not None else _KINDS
+
+
+def _text_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -14,6 +14,8 @@ Recipe section::
       pack_to: null           # pack samples into rows of this many tokens
       prompt_dropout: 0.0     # share of generation samples trained with the prompt dropped
       visual_input_noise: 0.0 # noise on the target images' tokens the LLM reads
+      loss_chunk: null        # labelled positions per chunk of the vocabulary projection and
+                              # cross-entropy, logits recomputed in backward (memory only)
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class VPiTOptions:
     # noise augmentation of the target images' tokens the LLM reads (not of its targets): per
     # image a level uniform in [0, visual_input_noise] (metamorph_core.vision.perturb_tokens)
     visual_input_noise: float = 0.0
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -169,6 +172,7 @@ class VPiTObjective(Objective):
         pack_to: int | None = None,
         prompt_dropout: float = 0.0,
         visual_input_noise: float = 0.0,
+        loss_chunk: int | None = None,
     ) -> None:
         super().__init__(model)
         if policy not in POLICIES:
@@ -180,6 +184,9 @@ class VPiTObjective(Objective):
             raise ValueError(f"visual_input_noise must be >= 0 (0: off), got {visual_input_noise}")
         self.policy, self.pack_to, self.prompt_dropout = policy, pack_to, prompt_dropout
         self.visual_input_noise = visual_input_noise
+        if loss_chunk is not None and not (isinstance(loss_chunk, int) and loss_chunk >= 1):
+            raise ValueError(f"objective.loss_chunk must be an integer >= 1, got {loss_chunk!r}")
+        self.loss_chunk = loss_chunk
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> VPiTObjective:
@@ -202,7 +209,7 @@ class VPiTObjective(Objective):
             model = MetaMorphModel.from_config(config)
         if o.policy == "lora":
             model.apply_lora(**lora)
-        return cls(model, o.policy, o.pack_to, o.prompt_dropout, o.visual_input_noise)
+        return cls(model, o.policy, o.pack_to, o.prompt_dropout, o.visual_input_noise, o.loss_chunk)
 
     def feature_cache(self, path: str) -> FeatureCache:
         from metamorph_train.cache import FeatureCache
@@ -253,7 +260,7 @@ class VPiTObjective(Objective):
         ]
 
     def loss_sums(self, call: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
-        out = call(**batch, return_logits=False)
+        out = call(**batch, return_logits=False, loss_chunk=self.loss_chunk)
         return [out.text_loss_sum, out.visual_loss_sum]
 
     def throughput(self, batch: dict[str, Any]) -> int:
