@@ -32,11 +32,11 @@ class GenerationConfig:
     benchmarks only: same results, much slower).
 
     ``cache_implementation="static"`` allocates the KV cache once, as long as the batch can
-    grow (its prompts and every sample's budget, within the context, rounded up to a multiple
-    of 128), so that every step has the same shapes; ``compile=True`` then runs the per-token
+    grow (its prompts and every sample's budget, within the context, rounded up to a power of
+    two), so that every step has the same shapes; ``compile=True`` then runs the per-token
     step through ``torch.compile(mode="reduce-overhead")``: on a GPU the step is captured as a
-    CUDA graph once per batch size and cache length and replayed, instead of launching each
-    kernel from Python. A static batch takes no newcomers (continuous batching waits for it
+    CUDA graph once per cache length and batch size (rounded up to a power of two: padding
+    rows) and replayed, instead of launching each kernel from Python. A static batch takes no newcomers (continuous batching waits for it
     to end). Same results as the dynamic cache.
     """
 

@@ -49,8 +49,10 @@ class _Rows:
     sequence recomputed at every step. Finished rows keep a place (masked, position frozen)
     unless :meth:`keep` drops them; :meth:`merge` adds prefilled rows (joining mid-generation).
     ``static_length``: the cache is allocated once for that many positions and every step
-    sees the whole ``(r, static_length)`` mask (same shapes each step); ``compiled``: the steps
-    run through the backbone's compiled forward (:func:`_compiled_step`).
+    sees the whole ``(r, static_length)`` mask (same shapes each step); the rows are padded to
+    a power of two with copies of the last one (their outputs dropped), so that batches of
+    nearby sizes share a compiled graph. ``compiled``: the steps run through the backbone's
+    compiled forward (:func:`_compiled_step`).
     """
 
     def __init__(
@@ -69,27 +71,37 @@ class _Rows:
         self.embeds = embeds  # (r, l, d); only the last step's when cached
         self.cache: Any = None
         self.static_length = static_length
-        self.static_mask: torch.Tensor | None = None  # (r, static_length)
+        self.static_mask: torch.Tensor | None = None  # (rows padded, static_length)
+        self.extra = 0  # the padding rows of a static batch
         self.compiled = compiled
         self.forward_step = _compiled_step(backbone) if compiled else backbone
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; ``(r, d)`` hidden states at their last positions."""
         cache = None
+        embeds, mask, positions = self.embeds, self.mask, self.positions
         if self.static_length is not None:
             cache = self.backbone.static_cache(self.static_length)
             r, width = self.mask.shape
-            self.static_mask = self.mask.new_zeros(r, self.static_length)
-            self.static_mask[:, :width] = self.mask
+            self.extra = _bucket(r) - r
+            embeds, mask, positions = (self._pad(x) for x in (embeds, mask, positions))
+            self.static_mask = mask.new_zeros(r + self.extra, self.static_length)
+            self.static_mask[:, :width] = mask
         out = self.backbone(
-            self.embeds,
-            attention_mask=self.mask,
-            position_ids=self.positions,
+            embeds,
+            attention_mask=mask,
+            position_ids=positions,
             cache=cache,
             use_cache=self.use_cache,
         )
         self.cache = cache if cache is not None else out.cache
-        return out.hidden_states[:, -1]
+        return out.hidden_states[: len(self.mask), -1]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the static batch's padding rows (copies of its last row)."""
+        if not self.extra:
+            return x
+        return torch.cat([x, x[-1:].expand(self.extra, *x.shape[1:])])
 
     def step(self, embeds: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Append one input per row (``(r, d)`` embeddings; rows not ``alive`` are masked)."""
@@ -98,16 +110,17 @@ class _Rows:
         self.mask = torch.cat([self.mask, alive[:, None].to(self.mask.dtype)], dim=1)
         self.next_position = self.next_position + alive.long()
         if self.static_mask is not None:  # the cache keeps its size and object
-            self.static_mask[:, column] = alive.to(self.static_mask.dtype)
+            self.static_mask[:, column] = self._pad(alive).to(self.static_mask.dtype)
             out = self.forward_step(
-                embeds[:, None],
+                self._pad(embeds)[:, None],
                 attention_mask=self.static_mask,
-                position_ids=position,
+                position_ids=self._pad(position),
                 cache=self.cache,
                 use_cache=True,
             )
+            hidden = out.hidden_states[: len(self.mask), -1]
             # a CUDA graph's next replay overwrites its outputs
-            return out.hidden_states[:, -1].clone() if self.compiled else out.hidden_states[:, -1]
+            return hidden.clone() if self.compiled else hidden
         if self.use_cache:
             out = self.backbone(
                 embeds[:, None],
@@ -172,15 +185,27 @@ _COMPILED: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyD
 
 def _compiled_step(backbone: Any) -> Callable[..., Any]:
     """``backbone``'s forward through ``torch.compile(mode="reduce-overhead")``: on CUDA, each
-    shape (batch size, cache length) is captured as a CUDA graph once and replayed."""
+    shape (batch bucket, cache length) is captured as a CUDA graph once and replayed. Allows
+    dynamo :data:`COMPILED_SHAPES` shapes of it (its default is 8), as a server meets many."""
     if backbone not in _COMPILED:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        config.cache_size_limit = max(config.cache_size_limit, COMPILED_SHAPES)
         _COMPILED[backbone] = torch.compile(backbone.forward, mode="reduce-overhead")
     return _COMPILED[backbone]
 
 
-#: static caches are allocated in multiples of this many positions, so that batches of
-#: similar lengths share compiled graphs
-STATIC_CACHE_MULTIPLE = 128
+#: static caches are allocated for a power of two of positions (at least this many), so that
+#: batches of similar lengths share compiled graphs
+STATIC_CACHE_MIN = 128
+#: compiled shapes of the step allowed before dynamo falls back to eager
+COMPILED_SHAPES = 64
+
+
+def _bucket(n: int, least: int = 1) -> int:
+    """The power of two at or above ``n`` (and ``least``)."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
 
 
 def _left_pad(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
@@ -338,7 +363,7 @@ class _Loop:
                 self._room(len(p.sample.input_ids), limit)
                 for p, limit in zip(prompts, limits, strict=True)
             )
-            static = -(-static // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+            static = _bucket(static, STATIC_CACHE_MIN)
         return _Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile)
 
     def _room(self, prompt_length: int, limit: int) -> int:
