@@ -23,6 +23,7 @@ mlp2x_gelu projector and head).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -152,6 +153,10 @@ def main() -> int:
     n = model.num_image_tokens
     cached, recompute = GenerationConfig(), GenerationConfig(use_cache=False)
     guided = GenerationConfig(visual_guidance_scale=3.0)
+    static = GenerationConfig(cache_implementation="static")
+    # the step compiled by inductor: a minute per shape on the CPU (in the warm-up), so not in
+    # a smoke run
+    compiled = None if args.smoke else GenerationConfig(cache_implementation="static", compile=True)
     for b in batches:
         batch = prompts(model, b, image=True)
         fast = generate(model, batch, cached, True)
@@ -200,6 +205,24 @@ def main() -> int:
             baseline=f"image b{b}: KV cache",
             **reps,
         )
+        variants = {"static cache": static, "static cache, compiled step": compiled}
+        cases = []
+        for label, config in variants.items():
+            if config is not None:
+                check_same_images(fast, generate(model, batch, config, True), b)
+                cases.append(
+                    Case(
+                        f"image b{b}: {label}",
+                        lambda batch=batch, c=config: generate(model, batch, c, True),
+                        {**cfg, "cache_implementation": "static", "compile": config.compile},
+                        counts,
+                    )
+                )
+        suite.measure(*cases, baseline=f"image b{b}: KV cache", **reps)
+        if b == 1 and compiled is not None:
+            research = suite.get("image b1: research code's loop").median_s
+            ours = suite.get("image b1: static cache, compiled step").median_s
+            suite.note(f"b1 compiled step vs the research code's loop: {research / ours:.1f}x")
 
     lm = model.backbone.causal_lm
     lm.generation_config.eos_token_id = None  # both run to the token budget
@@ -223,7 +246,7 @@ def main() -> int:
             raise SystemExit(f"batch {b}: our greedy text differs from transformers' generate")
         cfg = {"batch": b, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TEXT_TOKENS}
         counts = {"text tokens": b * NEW_TEXT_TOKENS}
-        suite.measure(
+        cases = [
             Case(f"text b{b}: transformers generate", hf, cfg, counts),
             Case(
                 f"text b{b}: metamorph generate",
@@ -231,8 +254,20 @@ def main() -> int:
                 cfg,
                 counts,
             ),
-            **reps,
-        )
+        ]
+        if compiled is not None:
+            fast_text = dataclasses.replace(text, cache_implementation="static", compile=True)
+            if [r.token_ids for r in generate(model, batch, fast_text, False)] != hf().tolist():
+                raise SystemExit(f"batch {b}: our compiled text differs from transformers'")
+            cases.append(
+                Case(
+                    f"text b{b}: metamorph, static cache, compiled step",
+                    lambda batch=batch, c=fast_text: generate(model, batch, c, False),
+                    {**cfg, "cache_implementation": "static", "compile": True},
+                    counts,
+                )
+            )
+        suite.measure(*cases, **reps)
 
     json_path, md_path = suite.write(results_dir(args))
     print(f"wrote {json_path} and {md_path}")

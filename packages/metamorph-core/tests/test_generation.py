@@ -466,3 +466,23 @@ def test_static_and_compile_options_are_checked():
         GenerationConfig(cache_implementation="static", use_cache=False)
     with pytest.raises(ValueError, match="compile=True compiles the step on a static cache"):
         GenerationConfig(compile=True)
+
+
+def test_a_static_cache_that_grows_keeps_every_position(model):
+    """A static batch that outgrows its cache moves to one twice as long (a new shape): the
+    hidden states stay those of the growing dynamic cache, padding rows included."""
+    from metamorph_core.generation.loop import _Rows
+
+    backbone = model.backbone
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(3, 5, backbone.hidden_size, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    dynamic = _Rows(backbone, embeds, mask, use_cache=True)
+    static = _Rows(backbone, embeds, mask, True, static_length=8, static_max=64)
+    with torch.no_grad():
+        assert torch.allclose(dynamic.prefill(), static.prefill(), atol=TOL)
+        for t in range(20):  # 5 + 20 positions: the cache grows 8 -> 16 -> 32
+            step = torch.randn(3, backbone.hidden_size, generator=g)
+            alive = torch.tensor([True, t % 3 != 0, True])
+            assert torch.allclose(dynamic.step(step, alive), static.step(step, alive), atol=TOL)
+    assert static.static_length == 32 and static.extra == 1

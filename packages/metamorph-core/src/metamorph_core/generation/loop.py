@@ -48,8 +48,11 @@ class _Rows:
     """The batch's sequences on the backbone: a KV cache, or (``use_cache=False``) the whole
     sequence recomputed at every step. Finished rows keep a place (masked, position frozen)
     unless :meth:`keep` drops them; :meth:`merge` adds prefilled rows (joining mid-generation).
-    ``static_length``: the cache is allocated once for that many positions and every step
-    sees the whole ``(r, static_length)`` mask (same shapes each step); the rows are padded to
+    ``static_length``: the cache is allocated for that many positions and every step sees the
+    whole ``(r, static_length)`` mask (same shapes each step); when the batch outgrows it, a
+    cache of twice the length (at most ``static_max``) takes its place — a new shape, so a new
+    compiled graph — unless a layer is a sliding window, whose cache is allocated at
+    ``static_max`` from the start; the rows are padded to
     a power of two with copies of the last one (their outputs dropped), so that batches of
     nearby sizes share a compiled graph. ``compiled``: the steps run through the backbone's
     compiled forward (:func:`_compiled_step`).
@@ -63,6 +66,7 @@ class _Rows:
         use_cache: bool,
         static_length: int | None = None,
         compiled: bool = False,
+        static_max: int | None = None,
     ) -> None:
         self.backbone, self.use_cache = backbone, use_cache
         self.mask = mask  # (r, l) long
@@ -71,6 +75,7 @@ class _Rows:
         self.embeds = embeds  # (r, l, d); only the last step's when cached
         self.cache: Any = None
         self.static_length = static_length
+        self.static_max = static_max if static_max is not None else static_length
         self.static_mask: torch.Tensor | None = None  # (rows padded, static_length)
         self.extra = 0  # the padding rows of a static batch
         self.compiled = compiled
@@ -82,6 +87,9 @@ class _Rows:
         embeds, mask, positions = self.embeds, self.mask, self.positions
         if self.static_length is not None:
             cache = self.backbone.static_cache(self.static_length)
+            if not _growable(cache):
+                self.static_length = self.static_max
+                cache = self.backbone.static_cache(self.static_length)
             r, width = self.mask.shape
             self.extra = _bucket(r) - r
             embeds, mask, positions = (self._pad(x) for x in (embeds, mask, positions))
@@ -97,6 +105,22 @@ class _Rows:
         self.cache = cache if cache is not None else out.cache
         return out.hidden_states[: len(self.mask), -1]
 
+    def _grow(self) -> None:
+        """A static cache (and mask) of twice the length holding this one's positions."""
+        assert self.static_mask is not None
+        length = min(2 * self.static_length, self.static_max)
+        if length <= self.static_length:
+            raise RuntimeError("a static batch outgrew the longest it could reach")
+        cache = self.backbone.static_cache(length)
+        for new, old in zip(cache.layers, self.cache.layers, strict=True):
+            new.lazy_initialization(old.keys, old.values)
+            new.keys[:, :, : self.static_length].copy_(old.keys)
+            new.values[:, :, : self.static_length].copy_(old.values)
+            new.cumulative_length.copy_(old.cumulative_length)
+        mask = self.static_mask.new_zeros(len(self.static_mask), length)
+        mask[:, : self.static_length] = self.static_mask
+        self.cache, self.static_mask, self.static_length = cache, mask, length
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the static batch's padding rows (copies of its last row)."""
         if not self.extra:
@@ -109,7 +133,9 @@ class _Rows:
         column = self.mask.shape[1]
         self.mask = torch.cat([self.mask, alive[:, None].to(self.mask.dtype)], dim=1)
         self.next_position = self.next_position + alive.long()
-        if self.static_mask is not None:  # the cache keeps its size and object
+        if self.static_mask is not None:  # the cache keeps its object until it grows
+            if column >= self.static_length:
+                self._grow()
             self.static_mask[:, column] = self._pad(alive).to(self.static_mask.dtype)
             out = self.forward_step(
                 self._pad(embeds)[:, None],
@@ -201,6 +227,13 @@ def _compiled_step(backbone: Any) -> Callable[..., Any]:
 STATIC_CACHE_MIN = 128
 #: compiled shapes of the step allowed before dynamo falls back to eager
 COMPILED_SHAPES = 64
+
+
+def _growable(cache: Any) -> bool:
+    """Whether a static cache can be copied into a longer one: transformers' plain
+    ``StaticLayer`` in every layer (a sliding window's buffer wraps around)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "StaticLayer" for layer in layers)
 
 
 def _bucket(n: int, least: int = 1) -> int:
@@ -357,14 +390,19 @@ class _Loop:
         rows += [p.unconditional for p in prompts if p.unconditional is not None and self.guided]
         embeds, mask = embed_prompts(self.model, rows)
         c = self.config
-        static = None
+        static = most = None
         if c.cache_implementation == "static":
-            static = mask.shape[1] + max(
-                self._room(len(p.sample.input_ids), limit)
-                for p, limit in zip(prompts, limits, strict=True)
+            pairs = list(zip(prompts, limits, strict=True))
+            most = _bucket(
+                mask.shape[1] + max(self._room(len(p.sample.input_ids), k) for p, k in pairs),
+                STATIC_CACHE_MIN,
             )
-            static = _bucket(static, STATIC_CACHE_MIN)
-        return _Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile)
+            # first the text budget and one image; doubled when a batch outgrows it
+            likely = max(
+                min(self._room(len(p.sample.input_ids), k), k + self.n + 1) for p, k in pairs
+            )
+            static = min(_bucket(mask.shape[1] + likely, STATIC_CACHE_MIN), most)
+        return _Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile, most)
 
     def _room(self, prompt_length: int, limit: int) -> int:
         """The most positions a sample can add to its prompt: its image and ``<image_end>``
