@@ -301,7 +301,9 @@ class Step:
     lr: float = 1e-5
 
     def __post_init__(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr)
+        from metamorph_train.trainer import adamw  # the trainer's own (fused where it can be)
+
+        self.optimizer = adamw(self.params, lr=self.lr)
 
     def __call__(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
