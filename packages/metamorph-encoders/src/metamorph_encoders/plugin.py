@@ -15,7 +15,7 @@ def register_encoders(register: Register) -> None:
     register(
         "siglip2",
         "metamorph_encoders.siglip2:Siglip2Encoder",
-        description="transformers SigLIP 2 vision tower; square images, or NaFlex (aspect kept)",
+        description="transformers SigLIP 2 vision tower; NaFlex (aspect kept), or naflex=False: square",
     )
     register(
         "clip",
