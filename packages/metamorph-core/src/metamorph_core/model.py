@@ -453,6 +453,8 @@ class MetaMorphModel(nn.Module):
         vocabulary projection and cross-entropy that many at a time, each chunk's logits
         recomputed in backward instead of kept (the ``(positions, vocabulary)`` logits never
         exist at once); same loss and gradients."""
+        if loss_chunk is not None and not (isinstance(loss_chunk, int) and loss_chunk >= 1):
+            raise ValueError(f"loss_chunk must be an integer >= 1 (or None), got {loss_chunk!r}")
         head_dtype = module_dtype(self.head)
         tokens = read = None
         if image_slot_mask is not None and bool(image_slot_mask.any()):
@@ -513,8 +515,6 @@ class MetaMorphModel(nn.Module):
         chunks of ``chunk`` positions whose logits backward recomputes."""
         if chunk is None or len(states) <= chunk:
             return _text_loss_sum(self.backbone.logits(states), targets)
-        if chunk < 1:
-            raise ValueError(f"loss_chunk must be an integer >= 1 (or None), got {chunk!r}")
         from torch.utils.checkpoint import checkpoint
 
         def piece(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,9 @@ from metamorph_train.trainer_config import TRACKING_FIELDS, TrainerConfig
 
 
 def adamw(params: list[torch.nn.Parameter], **options: Any) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all parameters instead of a dozen per parameter: the
-    optimiser step 5x faster on the CPU, BENCHMARKS.md "Training step") where torch has the
-    fused kernel for the parameters' device and dtype, else torch's default implementation."""
+    """AdamW, fused (one kernel over all parameters instead of a dozen per parameter) where
+    torch has the fused kernel for the parameters' device and dtype, else torch's default
+    implementation."""
     try:
         return torch.optim.AdamW(params, fused=True, **options)
     except RuntimeError:  # a device or dtype without the fused kernel
@@ -96,9 +96,12 @@ class Trainer:
                 f"train.checkpoint_every must be an integer >= 1, got {config.checkpoint_every!r}"
             )
         if config.gradient_checkpointing:
-            self.objective.enable_gradient_checkpointing(
-                config.checkpoint_every, config.checkpoint_offload
-            )
+            if config.checkpoint_every == 1 and not config.checkpoint_offload:
+                self.objective.enable_gradient_checkpointing()  # objectives of any version
+            else:
+                self.objective.enable_gradient_checkpointing(
+                    config.checkpoint_every, config.checkpoint_offload
+                )
         elif config.checkpoint_every != 1 or config.checkpoint_offload:
             raise ValueError(
                 "train.checkpoint_every and train.checkpoint_offload choose how activations are "
@@ -128,7 +131,12 @@ class Trainer:
         if not meta:
             model.to(device)
         self.forward_model = (
-            distributed.wrap(model, self.strategy, self.objective.shard_units(), device)
+            distributed.wrap(
+                model,
+                self.strategy,
+                self.objective.shard_units() if self.strategy == "fsdp" else None,
+                device,
+            )
             if self.strategy
             else model
         )
@@ -206,7 +214,10 @@ class Trainer:
         optimizer = adamw(list(self.params.values()), lr=c.lr, weight_decay=c.weight_decay)
         scheduler = self._schedule(optimizer)
         # saves cut short removed; the newest checkpoint (either layout) loaded when resuming
+        chosen = {k: optimizer.defaults.get(k) for k in ("fused", "foreach")}
         start = checkpointing.begin(self, optimizer, scheduler, resume)
+        for group in optimizer.param_groups:  # a checkpoint's groups carry its implementation
+            group.update(chosen)
         self.model.train()
         track = tracking.start(self, start)  # rank 0's loggers (metrics.jsonl, ...); else none
         finished = False

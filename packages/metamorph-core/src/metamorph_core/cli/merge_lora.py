@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from metamorph_core.cli import Run
 
@@ -17,8 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> Run:
 def run(args: argparse.Namespace) -> int:
     from metamorph_core import MetaMorphModel
     from metamorph_core.checkpoint import CONFIG_NAME, read_json
+    from metamorph_core.hub import resolve_pretrained
 
-    path = Path(args.checkpoint)
+    path = resolve_pretrained(args.checkpoint, what="checkpoint")  # a directory or Hub repo
     recorded = {}
     if (path / CONFIG_NAME).is_file():
         backbone = read_json(path / CONFIG_NAME, path).get("components", {}).get("backbone", {})
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         )
         model = MetaMorphModel.from_pretrained(path, backbone_kwargs={"quantize": None})
     else:
-        model = MetaMorphModel.from_pretrained(args.checkpoint)
+        model = MetaMorphModel.from_pretrained(path)
     model.merge_lora()
     print(f"merged LoRA into a full checkpoint: {model.save_pretrained(args.out)}")
     return 0

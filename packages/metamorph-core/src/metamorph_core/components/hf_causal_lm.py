@@ -177,7 +177,9 @@ class HFCausalLM(Backbone):
         n_before = min(n_before, rows)
         if max(ids) >= rows:  # only ever grow; padded matrices keep their rows
             self.lm.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-        new_ids = [i for i in ids if i >= n_before]
+        # the image tokens and any rows the matrix grew by (a tokenizer that outgrew its
+        # matrix) start at the mean: nothing random, so a LoRA checkpoint rebuilds them
+        new_ids = sorted({i for i in ids if i >= n_before} | set(range(rows, max(ids) + 1)))
         with torch.no_grad():
             w_in = self.lm.get_input_embeddings().weight
             w_in[new_ids] = w_in[:n_before].mean(dim=0, keepdim=True)
@@ -360,8 +362,8 @@ class HFCausalLM(Backbone):
             )
         # the adapter alone: peft would add the whole embedding matrix and head (gigabytes for
         # an 8B model) because the image tokens grew the vocabulary, but loading rebuilds
-        # their rows from the base model exactly as here, and the trained rows are the
-        # adapter's trainable tokens
+        # every added row from the base model as here (deterministically: _add_image_tokens),
+        # and the trained rows are the adapter's trainable tokens
         self.lm.save_pretrained(str(directory), save_embedding_layers=False)
         kwargs.update(tokenizer=SUBFOLDER, lora_adapter=SUBFOLDER)
         if self._base_dir is None:  # a Hub id
@@ -389,7 +391,10 @@ def _quantization(
     if pretrained is None:
         raise ValueError("quantize needs pretrained weights (pretrained=), not a random config")
     if torch.get_default_device().type == "meta":
-        raise ValueError("a quantised backbone cannot be built on the meta device (FSDP2)")
+        raise ValueError(
+            "a quantised backbone cannot be built on the meta device (FSDP2's meta_init): "
+            "train QLoRA with train.strategy=ddp"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -427,9 +432,10 @@ def transformer_blocks(lm: nn.Module) -> list[nn.Module]:
     if not found:
         raise ValueError(
             f"cannot find the transformer blocks of {type(lm).__name__}: its "
-            f"_no_split_modules ({sorted(names) or 'not set'}) match none of its submodules, "
-            "so FSDP2 cannot shard it block by block; train it with train.strategy=ddp, or "
-            "set _no_split_modules on the model class to its decoder layer class"
+            f"_no_split_modules ({sorted(names) or 'not set'}) match none of its submodules; "
+            "FSDP2 (train.strategy=fsdp) shards block by block and train.compile compiles "
+            "blocks, so train it with train.strategy=ddp and without train.compile, or set "
+            "_no_split_modules on the model class to its decoder layer class"
         )
     return [module for _, module in found]
 

@@ -31,12 +31,15 @@ class GenerationConfig:
     ``use_cache=False`` recomputes the whole sequence at every step (for reference and
     benchmarks only: same results, much slower).
 
-    ``cache_implementation="static"`` allocates the KV cache once, as long as the batch can
-    grow (its prompts and every sample's budget, within the context, rounded up to a power of
-    two), so that every step has the same shapes; ``compile=True`` then runs the per-token
-    step through ``torch.compile(mode="reduce-overhead")``: on a GPU the step is captured as a
-    CUDA graph once per cache length and batch size (rounded up to a power of two: padding
-    rows) and replayed, instead of launching each kernel from Python. A static batch takes no newcomers (continuous batching waits for it
+    ``cache_implementation="static"`` allocates the KV cache for a fixed number of positions,
+    so that every step has the same shapes: the prompts, the text budget and one image,
+    rounded up to a power of two, doubled when a batch outgrows it (up to what it can reach:
+    every text token may open an image), or that most from the start when a layer has a
+    sliding window. The rows are padded to a power of two, and the caches are kept for the
+    next batch of the same shape. ``compile=True`` then runs the per-token step through
+    ``torch.compile(mode="reduce-overhead")``: on a GPU the step is captured as a CUDA graph
+    once per batch bucket and cache length and replayed, instead of launching each kernel from
+    Python. A static batch takes no newcomers (continuous batching waits for it
     to end). Same results as the dynamic cache.
     """
 

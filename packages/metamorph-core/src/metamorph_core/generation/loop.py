@@ -6,6 +6,8 @@ whole sequence recomputed), then each sample takes a visual token, the forced
 
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,19 +81,22 @@ class _Rows:
         self.static_mask: torch.Tensor | None = None  # (rows padded, static_length)
         self.extra = 0  # the padding rows of a static batch
         self.compiled = compiled
-        self.forward_step = _compiled_step(backbone) if compiled else backbone
+        self.forward_step = (
+            functools.partial(_compiled_step(backbone), backbone) if compiled else backbone
+        )
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; ``(r, d)`` hidden states at their last positions."""
         cache = None
         embeds, mask, positions = self.embeds, self.mask, self.positions
         if self.static_length is not None:
-            cache = self.backbone.static_cache(self.static_length)
-            if not _growable(cache):
-                self.static_length = self.static_max
-                cache = self.backbone.static_cache(self.static_length)
             r, width = self.mask.shape
             self.extra = _bucket(r) - r
+            cache = _CACHES.take(self.backbone, r + self.extra, self.static_length)
+            if not _growable(cache):
+                _CACHES.give_back(self.backbone, r + self.extra, self.static_length, cache)
+                self.static_length = self.static_max
+                cache = _CACHES.take(self.backbone, r + self.extra, self.static_length)
             embeds, mask, positions = (self._pad(x) for x in (embeds, mask, positions))
             self.static_mask = mask.new_zeros(r + self.extra, self.static_length)
             self.static_mask[:, :width] = mask
@@ -111,15 +116,24 @@ class _Rows:
         length = min(2 * self.static_length, self.static_max)
         if length <= self.static_length:
             raise RuntimeError("a static batch outgrew the longest it could reach")
-        cache = self.backbone.static_cache(length)
+        rows = len(self.static_mask)
+        cache = _CACHES.take(self.backbone, rows, length)
         for new, old in zip(cache.layers, self.cache.layers, strict=True):
-            new.lazy_initialization(old.keys, old.values)
+            if not new.is_initialized:
+                new.lazy_initialization(old.keys, old.values)
             new.keys[:, :, : self.static_length].copy_(old.keys)
             new.values[:, :, : self.static_length].copy_(old.values)
             new.cumulative_length.copy_(old.cumulative_length)
-        mask = self.static_mask.new_zeros(len(self.static_mask), length)
+        _CACHES.give_back(self.backbone, rows, self.static_length, self.cache)
+        mask = self.static_mask.new_zeros(rows, length)
         mask[:, : self.static_length] = self.static_mask
         self.cache, self.static_mask, self.static_length = cache, mask, length
+
+    def release(self) -> None:
+        """Hand a static cache back for the next batch of its shape."""
+        if self.static_mask is not None and self.cache is not None:
+            _CACHES.give_back(self.backbone, len(self.static_mask), self.static_length, self.cache)
+            self.cache = None
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the static batch's padding rows (copies of its last row)."""
@@ -205,21 +219,60 @@ class _Rows:
             self.positions = self.positions[rows, first:]
 
 
-#: each backbone's compiled forward, made once (compiled graphs are cached by torch per shape)
-_COMPILED: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
+#: each backbone class's compiled forward, called with the backbone as its first argument
+#: (compiled graphs are cached by torch per backbone and shape; holding the class, not the
+#: instance, keeps a dropped model collectable)
+_COMPILED: dict[type, Callable[..., Any]] = {}
 
 
 def _compiled_step(backbone: Any) -> Callable[..., Any]:
-    """``backbone``'s forward through ``torch.compile(mode="reduce-overhead")``: on CUDA, each
-    shape (batch bucket, cache length) is captured as a CUDA graph once and replayed. Allows
+    """``type(backbone).forward`` through ``torch.compile(mode="reduce-overhead")``: on CUDA,
+    each shape (batch bucket, cache length) is captured as a CUDA graph once and replayed (the
+    static caches are pooled, :class:`_CachePool`, so their addresses stay the same). Allows
     dynamo :data:`COMPILED_SHAPES` shapes of it (its default is 8), as a server meets many."""
-    if backbone not in _COMPILED:
+    kind = type(backbone)
+    if kind not in _COMPILED:
         import torch._dynamo
 
         config = torch._dynamo.config
         config.cache_size_limit = max(config.cache_size_limit, COMPILED_SHAPES)
-        _COMPILED[backbone] = torch.compile(backbone.forward, mode="reduce-overhead")
-    return _COMPILED[backbone]
+        _COMPILED[kind] = torch.compile(kind.forward, mode="reduce-overhead")
+    return _COMPILED[kind]
+
+
+class _CachePool:
+    """Static caches kept per backbone and shape (rows, length, device, dtype) between
+    batches: a batch takes one (reset: zeroed in place) and gives it back when it ends, so a
+    compiled step meets the same buffers again and replays its CUDA graph instead of
+    recording a new one. The caches stay allocated while the backbone lives."""
+
+    def __init__(self) -> None:
+        self._free: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(backbone: Any, rows: int, length: int) -> tuple[Any, ...]:
+        weight = next(backbone.parameters())
+        return rows, length, weight.device, weight.dtype
+
+    def take(self, backbone: Any, rows: int, length: int) -> Any:
+        with self._lock:
+            free = self._free.setdefault(backbone, {}).get(self._key(backbone, rows, length))
+            cache = free.pop() if free else None
+        if cache is None:
+            return backbone.static_cache(length)
+        cache.reset()
+        return cache
+
+    def give_back(self, backbone: Any, rows: int, length: int, cache: Any) -> None:
+        with self._lock:
+            pool = self._free.setdefault(backbone, {})
+            pool.setdefault(self._key(backbone, rows, length), []).append(cache)
+
+
+_CACHES = _CachePool()
 
 
 #: static caches are allocated for a power of two of positions (at least this many), so that
@@ -227,6 +280,12 @@ def _compiled_step(backbone: Any) -> Callable[..., Any]:
 STATIC_CACHE_MIN = 128
 #: compiled shapes of the step allowed before dynamo falls back to eager
 COMPILED_SHAPES = 64
+
+
+def _has_static_cache(backbone: Any) -> bool:
+    from metamorph_core.interfaces import Backbone
+
+    return getattr(type(backbone), "static_cache", None) is not Backbone.static_cache
 
 
 def _growable(cache: Any) -> bool:
@@ -317,6 +376,11 @@ def stream_encoded(
         )
     if config.decode_images:
         model.require_decoder()
+    if config.cache_implementation == "static" and not _has_static_cache(model.backbone):
+        raise ValueError(
+            f"backbone {type(model.backbone).__name__} has no static KV cache "
+            "(Backbone.static_cache); generate with cache_implementation='dynamic'"
+        )
     _check_guidance(prompts, config)
     with torch.no_grad():
         limits = list(max_new_tokens or [config.max_new_tokens] * len(prompts))
@@ -419,6 +483,12 @@ class _Loop:
 
     @torch.no_grad()
     def run(self) -> Iterator[GenerationEvent]:
+        try:
+            yield from self._run()
+        finally:  # also when the caller stops early or drops the generator
+            self.rows.release()
+
+    def _run(self) -> Iterator[GenerationEvent]:
         model, builder = self.model, self.model.sequence_builder
         pad = model.backbone.embed(torch.tensor([builder.pad_id], device=self.device))[0]
         hidden = self.rows.prefill()  # (r, d)
