@@ -468,6 +468,17 @@ def test_static_and_compile_options_are_checked():
         GenerationConfig(compile=True)
 
 
+def test_a_backbone_without_a_static_cache_is_refused_up_front(model, monkeypatch):
+    from metamorph_core.generation import check_cache
+    from metamorph_core.interfaces import Backbone
+
+    monkeypatch.setattr(type(model.backbone), "static_cache", Backbone.static_cache)
+    with pytest.raises(ValueError, match="has no static KV cache"):
+        check_cache(model, GenerationConfig(cache_implementation="static"))
+    with pytest.raises(ValueError, match="has no static KV cache"):  # before the first event
+        model.stream(PROMPTS[:1], cache_implementation="static")
+
+
 def test_a_static_cache_that_grows_keeps_every_position(model):
     """A static batch that outgrows its cache moves to one twice as long (a new shape): the
     hidden states stay those of the growing dynamic cache, padding rows included."""

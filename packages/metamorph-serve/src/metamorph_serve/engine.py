@@ -38,6 +38,7 @@ from metamorph_core.generation import (
     GenerationConfig,
     ImageEvent,
     TextEvent,
+    check_cache,
     stream_encoded,
     to_pil,
 )
@@ -138,6 +139,7 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.continuous = continuous and cache_implementation == "dynamic"
         self.cache_implementation, self.compile = cache_implementation, compile
+        check_cache(model, GenerationConfig(cache_implementation=cache_implementation))
         self.batch_wait_s, self.log = batch_wait_s, log
         self.stats = Stats()
         self._queue: deque[Job] = deque()

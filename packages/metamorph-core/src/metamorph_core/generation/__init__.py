@@ -37,7 +37,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from metamorph_core.generation.config import GenerationConfig, check_options
-from metamorph_core.generation.loop import Admission, check_room, stream_encoded, to_pil
+from metamorph_core.generation.loop import (
+    Admission,
+    check_cache,
+    check_room,
+    stream_encoded,
+    to_pil,
+)
 from metamorph_core.generation.outputs import (
     DoneEvent,
     GenerationEvent,
@@ -64,6 +70,7 @@ __all__ = [
     "ImageEvent",
     "Prompt",
     "TextEvent",
+    "check_cache",
     "check_room",
     "encode_prompts",
     "generate",

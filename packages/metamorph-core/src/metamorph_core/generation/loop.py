@@ -282,10 +282,17 @@ STATIC_CACHE_MIN = 128
 COMPILED_SHAPES = 64
 
 
-def _has_static_cache(backbone: Any) -> bool:
+def check_cache(model: GenerativeModel, config: GenerationConfig) -> None:
+    """A :class:`ValueError` when ``config`` asks for a static cache that ``model``'s backbone
+    does not have (a server checks it at start)."""
     from metamorph_core.interfaces import Backbone
 
-    return getattr(type(backbone), "static_cache", None) is not Backbone.static_cache
+    static = getattr(type(model.backbone), "static_cache", None)
+    if config.cache_implementation == "static" and static is Backbone.static_cache:
+        raise ValueError(
+            f"backbone {type(model.backbone).__name__} has no static KV cache "
+            "(Backbone.static_cache); generate with cache_implementation='dynamic'"
+        )
 
 
 def _growable(cache: Any) -> bool:
@@ -376,11 +383,7 @@ def stream_encoded(
         )
     if config.decode_images:
         model.require_decoder()
-    if config.cache_implementation == "static" and not _has_static_cache(model.backbone):
-        raise ValueError(
-            f"backbone {type(model.backbone).__name__} has no static KV cache "
-            "(Backbone.static_cache); generate with cache_implementation='dynamic'"
-        )
+    check_cache(model, config)
     _check_guidance(prompts, config)
     with torch.no_grad():
         limits = list(max_new_tokens or [config.max_new_tokens] * len(prompts))
