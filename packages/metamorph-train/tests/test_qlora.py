@@ -113,3 +113,38 @@ def test_what_cannot_work_is_refused_clearly(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'metamorph-core\[qlora\]'"):
         create("backbone", "llama", pretrained=str(backbone), quantize="nf4")
+
+
+def test_qlora_trains_under_ddp_on_two_processes(run):
+    """Every rank loads the 4-bit base itself; DDP averages the LoRA gradients."""
+    import subprocess
+
+    from metamorph_core.testing import free_port
+
+    root, _, _ = run
+    out = root / "ddp"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "metamorph_core.cli",
+            "train",
+            str(root / "recipe.yaml"),
+            "train.strategy=ddp",
+            "train.steps=2",
+            "train.batch_size=2",
+            f"train.output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "final" / "backbone" / "adapter_model.safetensors").is_file()
+    model = MetaMorphModel.from_pretrained(out / "final")
+    assert model.backbone.quantize == "nf4"
