@@ -200,6 +200,15 @@ def llava_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> No
 
 def lora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
     model = W.build_random_model(tmp, s.large, s.encoder, args.device, dtype="bfloat16")
+    lora_step(suite, args, s, model, "8B LoRA", "8B, bf16 weights, LoRA r16 all-linear")
+
+
+def lora_step(
+    suite: Suite, args: argparse.Namespace, s: Shapes, model: Any, label: str, backbone: str
+) -> float | None:
+    """LoRA r16 on every linear layer of ``model``'s backbone: the generation-target step at
+    ``pair_batch`` x ``sequence``, its peak memory (returned in GiB on CUDA), tokens/s and
+    MFU."""
     model.apply_lora(r=16, alpha=32)
     objective = VPiTObjective(model)
     params = W.trainable(objective, "lora")
@@ -210,7 +219,7 @@ def lora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> Non
     batch = objective.batch(convs, 0)
     model.train()
     cfg = {
-        "backbone": "8B, bf16 weights, LoRA r16 all-linear",
+        "backbone": backbone,
         "batch": s.pair_batch,
         "sequence": s.sequence,
         "dtype": "bf16 autocast",
@@ -219,12 +228,13 @@ def lora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> Non
     step = W.Step(W.vpit_loss(objective, batch), params, args.device, bf16=True)
     reset_peak_memory()
     step()
-    record_memory(suite, "8B LoRA: peak memory of a step", cfg, model, step)
+    peak = record_memory(suite, f"{label}: peak memory of a step", cfg, model, step)
     tokens = {"tokens": float(sum(W.sample_lengths(batch)))}
     (r,) = suite.measure(
-        Case("8B LoRA, generation target", step, cfg, tokens), warmup=1, repeats=args.repeats
+        Case(f"{label}, generation target", step, cfg, tokens), warmup=1, repeats=args.repeats
     )
     add_mfu(r, W.step_flops(model, batch, backbone="lora", lora_params=lora), args.peak_gflops)
+    return peak
 
 
 def generate_1b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> None:
@@ -338,33 +348,10 @@ def qlora_8b(suite: Suite, args: argparse.Namespace, s: Shapes, tmp: Path) -> No
     encoder = {"config": s.encoder, "dtype": "bfloat16", "seed": 0, "attn_implementation": "sdpa"}
     torch.manual_seed(0)
     model = MetaMorphModel.from_config(W.model_config(encoder, backbone, 64)).to(args.device)
-    model.apply_lora(r=16, alpha=32)
-    objective = VPiTObjective(model)
-    params = W.trainable(objective, "lora")
-    lora = sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad and "backbone." in n
-    )
-    convs = W.conversations(model, [s.sequence] * s.pair_batch, ["generation"] * s.pair_batch)
-    batch = objective.batch(convs, 0)
-    model.train()
-    cfg = {
-        "backbone": "8B, NF4 base weights (double quantisation), LoRA r16 all-linear",
-        "batch": s.pair_batch,
-        "sequence": s.sequence,
-        "dtype": "bf16 autocast",
-        "trainable_M": sum(p.numel() for p in params) / 1e6,
-    }
-    step = W.Step(W.vpit_loss(objective, batch), params, args.device, bf16=True)
-    reset_peak_memory()
-    step()
-    peak = record_memory(suite, "8B QLoRA: peak memory of a step", cfg, model, step)
+    described = "8B, NF4 base weights (double quantisation), LoRA r16 all-linear"
+    peak = lora_step(suite, args, s, model, "8B QLoRA", described)
     if peak is not None:
         suite.target("8B QLoRA step peak <= 24 GiB", peak <= 24.0, f"{peak:.1f} GiB")
-    tokens = {"tokens": float(sum(W.sample_lengths(batch)))}
-    (r,) = suite.measure(
-        Case("8B QLoRA, generation target", step, cfg, tokens), warmup=1, repeats=args.repeats
-    )
-    add_mfu(r, W.step_flops(model, batch, backbone="lora", lora_params=lora), args.peak_gflops)
 
 
 RUN: dict[str, Callable[[Suite, argparse.Namespace, Shapes, Path], None]] = {

@@ -180,10 +180,7 @@ class _Rows:
         """Whether rows can be added and dropped: the whole-sequence path, or a cache whose
         every layer is transformers' plain growing key/value store (not a sliding window, a
         quantised or a static cache)."""
-        if not self.use_cache:
-            return True
-        layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        return not self.use_cache or _every_layer(self.cache, "DynamicLayer")
 
     def merge(self, other: _Rows, order: torch.Tensor) -> None:
         """Add ``other``'s prefilled rows: both left-padded to the longer sequence (padding
@@ -298,8 +295,14 @@ def check_cache(model: GenerativeModel, config: GenerationConfig) -> None:
 def _growable(cache: Any) -> bool:
     """Whether a static cache can be copied into a longer one: transformers' plain
     ``StaticLayer`` in every layer (a sliding window's buffer wraps around)."""
+    return _every_layer(cache, "StaticLayer")
+
+
+def _every_layer(cache: Any, kind: str) -> bool:
+    """Whether every layer of ``cache`` is transformers' cache layer class ``kind`` exactly
+    (not a subclass: sliding windows and quantised layers derive from the plain ones)."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == "StaticLayer" for layer in layers)
+    return bool(layers) and all(type(layer).__name__ == kind for layer in layers)
 
 
 def _bucket(n: int, least: int = 1) -> int:
