@@ -11,7 +11,7 @@ import pytest
 from metamorph_core.cli import main as cli
 from metamorph_toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
 from metamorph_toy.demo import PRESETS, Options, remove_demo_run, run_demo
-from metamorph_toy.presets import run_record
+from metamorph_toy.presets import run_record, wall_budget
 
 STAGES = (
     "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",
@@ -40,8 +40,8 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(STAGES) <= set(metrics["seconds"])
     budget = metrics["seconds_budget"]  # recorded beside the seconds, never enforced
-    assert set(STAGES) <= set(budget) and budget["total"] == sum(
-        PRESETS["micro"].stage_budget_s.values()
+    assert set(STAGES) <= set(budget) and budget["total"] == wall_budget(
+        PRESETS["micro"].stage_budget_s, metrics["lanes"]
     )
     assert set(metrics["over_budget"]) <= set(STAGES)
     for stage in ("encoder", "decoder", "lm", "vpit", "decoder-tuned"):
@@ -147,6 +147,18 @@ def test_a_run_reuses_what_its_data_leaves_unchanged(micro_run, tmp_path):
         run_demo("micro", other_seed, Options(seed=1), reuse=micro_run)
 
 
+def test_one_lane_runs_the_stages_one_after_another(micro_run, tmp_path):
+    """``lanes=1`` (``metamorph demo --lanes 1``): the same stages, one after another in this
+    process (here everything but VPiT copied from the two-lane micro run)."""
+    logged: list[str] = []
+    m = run_demo("micro", tmp_path / "one", Options(seed=0), logged.append, micro_run, lanes=1)
+    assert m["reused"]["stages"] == ["decoder", "encoder", "judge", "lm"]
+    assert not any("two lanes" in line for line in logged)
+    started = [line.removesuffix(" ...") for line in logged if line.endswith(" ...")]
+    order = ["world", "judge", "encoder", "cache", "decoder", "lm", "vpit", "predict", "tune"]
+    assert started == [f"[demo] {name}" for name in [*order, "eval"]]
+
+
 def test_an_ablation_reads_back_finished_runs_and_redoes_unfinished_ones(tmp_path):
     logged = []
     preset, options = PRESETS["micro"], Options(seed=3, generation=25)
@@ -171,3 +183,12 @@ def test_ablation_conditions_draw_the_same_generation_conversations():
     # the text-only facts
     steps = {c: ablation_vpit_steps(1300, s) for c, s in ABLATIONS.items()}
     assert steps == {"all_data": 1300, "no_understanding": 780, "no_text_facts": 1040}
+
+
+def test_the_wall_budget_of_two_lanes_overlaps_the_encoder_side_with_the_lm_side():
+    budget = {"world": 1, "judge": 2, "lm": 3, "encoder": 10, "center": 1, "cache": 1}
+    budget |= {"decoder": 20, "vpit": 30, "eval": 4}
+    assert wall_budget(budget, 1) == 72
+    # VPiT waits for the cache (12 s in), the decoder follows it in the other lane
+    assert wall_budget(budget, 2) == 1 + max(12 + 30, 12 + 20) + 4
+    assert wall_budget({**budget, "decoder": 50}, 2) == 1 + 12 + 50 + 4

@@ -27,6 +27,7 @@ def run_ablation(
     out: str | Path = "runs/demo-ablation",
     seeds: tuple[int, ...] = (0, 1, 2),
     log: Callable[[str], None] = print,
+    lanes: int = 2,
 ) -> dict[str, Any]:
     """The paper's findings on the toy world, over ``seeds``: generation accuracy with and
     without understanding data at equal (low) generation data, and reasoning accuracy with and
@@ -37,7 +38,8 @@ def run_ablation(
     same number of generation conversations in VPiT (:func:`ablation_vpit_steps`): one without
     a source trains fewer steps, so that it differs from the first only by that source's
     batches. A condition whose run finished earlier is read back, not rerun, so an interrupted
-    ablation resumes; an unfinished one is removed and run again."""
+    ablation resumes; an unfinished one is removed and run again. ``lanes`` as in
+    :func:`~metamorph_toy.demo.run_demo`."""
     base = PRESETS[preset]
     low = max(base.generation // 10, 16)
     results: dict[str, dict[str, list[float]]] = {}
@@ -49,7 +51,7 @@ def run_ablation(
             run_dir = Path(out) / f"seed-{seed}" / condition
             m = _finished_run(run_dir, base, options, log)
             if m is None:
-                m = run_demo(preset, run_dir, options, log, reuse=first)
+                m = run_demo(preset, run_dir, options, log, reuse=first, lanes=lanes)
             first = first or run_dir
             row = results.setdefault(condition, {k: [] for k in _ABLATION_METRICS})
             for key, metric in _ABLATION_METRICS.items():

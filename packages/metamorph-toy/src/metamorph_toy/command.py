@@ -27,6 +27,15 @@ def configure(parser: argparse.ArgumentParser) -> Run:
         "facts (a run per seed and condition in --out; run again to resume)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="2: the encoder, cache and decoder train in a second process beside the judge, "
+        "LM and VPiT, each on half the CPU threads (faster on small models); 1: one stage "
+        "after another",
+    )
     return run
 
 
@@ -39,12 +48,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--overwrite replaces a single demo run; for --ablation pick a new --out"
             )
-        summary = run_ablation(args.preset, args.out, tuple(args.seeds))
+        summary = run_ablation(args.preset, args.out, tuple(args.seeds), lanes=args.lanes)
         print(json.dumps(summary["conditions"], indent=2))
         return 0
     if args.overwrite:
         remove_demo_run(args.out)
-    metrics = run_demo(args.preset, args.out, Options(seed=args.seed))
+    metrics = run_demo(args.preset, args.out, Options(seed=args.seed), lanes=args.lanes)
     for key, m in metrics.items():
         if isinstance(m, dict) and "ci95" in m:
             lo, hi = m["ci95"]
