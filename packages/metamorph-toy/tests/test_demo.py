@@ -185,10 +185,13 @@ def test_ablation_conditions_draw_the_same_generation_conversations():
     assert steps == {"all_data": 1300, "no_understanding": 780, "no_text_facts": 1040}
 
 
-def test_the_wall_budget_of_two_lanes_overlaps_the_encoder_side_with_the_lm_side():
+def test_the_wall_budget_of_two_lanes_overlaps_the_encoder_side_with_the_lm_side(tmp_path):
     budget = {"world": 1, "judge": 2, "lm": 3, "encoder": 10, "center": 1, "cache": 1}
     budget |= {"decoder": 20, "vpit": 30, "eval": 4}
     assert wall_budget(budget, 1) == 72
     # VPiT waits for the cache (12 s in), the decoder follows it in the other lane
     assert wall_budget(budget, 2) == 1 + max(12 + 30, 12 + 20) + 4
     assert wall_budget({**budget, "decoder": 50}, 2) == 1 + 12 + 50 + 4
+    with pytest.raises(ValueError, match="lanes=3"):
+        run_demo("micro", tmp_path / "three", lanes=3)
+    assert not (tmp_path / "three").exists()

@@ -604,6 +604,8 @@ def run_demo(
 
     from metamorph_toy.judge import Judge, train_judge, validate_judge
 
+    if lanes not in (1, 2):
+        raise ValueError(f"lanes={lanes!r}: use 2 (two processes side by side) or 1")
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
         if preset not in PRESETS:
