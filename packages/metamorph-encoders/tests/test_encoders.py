@@ -302,6 +302,16 @@ def test_center_subtracts_the_saved_token_mean(tmp_path):
     assert b.mean(0).abs().max() < 1e-5 and a.mean(0).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"must hold 'token_mean' of shape \(64, 64\)"):
         create("encoder", "siglip", pretrained=str(tmp_path / "s"), center=str(mean))
+    # one mean over every position: what the position embeddings add to each stays
+    one = token_mean(raw, images, tmp_path / "one.safetensors", per_token=False)
+    centred = create(
+        "encoder", "siglip", pretrained=str(tmp_path / "s"), num_tokens=4, normalize=False,
+        center=str(one),
+    )  # fmt: skip
+    with torch.no_grad():
+        c = centred(centred.preprocess(images))
+    assert torch.allclose(c, a - a.mean((0, 1)), atol=1e-5)
+    assert c.mean((0, 1)).abs().max() < 1e-5 and c.mean(0).abs().max() > 1e-3
     with pytest.raises(ValueError, match="normalize=False"):
         token_mean(
             create("encoder", "siglip", pretrained=str(tmp_path / "s")), images, tmp_path / "x"

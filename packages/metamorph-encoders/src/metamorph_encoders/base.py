@@ -24,8 +24,9 @@ class GridEncoder(VisionEncoder):
     block ``i``, ``-1`` = last block, *before* any final norm), ``drop_prefix_tokens`` (class /
     register tokens), ``num_tokens`` and ``reduction`` (``interpolate`` as the paper,
     ``avgpool``, ``none``), ``normalize`` (L2, default on), ``center`` (a ``.safetensors`` file
-    whose ``token_mean`` ``(num_tokens, c)`` is subtracted before the L2 normalisation: for
-    small encoders whose tokens share a dominant direction, see :func:`token_mean`),
+    whose ``token_mean``, ``(num_tokens, c)`` per token or ``(1, c)`` one for all, is
+    subtracted before the L2 normalisation: for small encoders whose tokens share a dominant
+    direction, see :func:`token_mean`),
     ``frozen`` (default on: no grads, eval mode, run under no-grad). Tokens are returned in
     float32.
     """
@@ -87,11 +88,12 @@ class GridEncoder(VisionEncoder):
             from safetensors.torch import load_file
 
             mean = load_file(str(center)).get("token_mean")
-            if mean is None or tuple(mean.shape) != (num_tokens, int(hidden_size)):
+            shapes = ((num_tokens, int(hidden_size)), (1, int(hidden_size)))
+            if mean is None or tuple(mean.shape) not in shapes:
                 raise ValueError(
                     f"encoder '{name}': center file '{center}' must hold 'token_mean' of shape "
-                    f"({num_tokens}, {hidden_size}) (this encoder's tokens); make it with "
-                    "metamorph_encoders.base.token_mean"
+                    f"({num_tokens}, {hidden_size}) (this encoder's tokens) or (1, {hidden_size}) "
+                    "(one mean for all); make it with metamorph_encoders.base.token_mean"
                 )
             self.register_buffer("token_mean", mean.float(), persistent=False)
         self.requires_grad_(not frozen)
@@ -151,9 +153,20 @@ class GridEncoder(VisionEncoder):
 
 
 @torch.no_grad()
-def token_mean(encoder: GridEncoder, images: Any, path: str | Path, batch_size: int = 256) -> Path:
-    """Write the mean token ``(num_tokens, c)`` of ``encoder`` (built without ``center``) over
-    ``images`` to ``path`` (safetensors, key ``token_mean``), for the ``center`` option."""
+def token_mean(
+    encoder: GridEncoder,
+    images: Any,
+    path: str | Path,
+    batch_size: int = 256,
+    per_token: bool = True,
+) -> Path:
+    """Write the mean token of ``encoder`` (built without ``center``) over ``images`` to
+    ``path`` (safetensors, key ``token_mean``), for the ``center`` option: ``(num_tokens, c)``,
+    each token position's own mean, or with ``per_token=False`` ``(1, c)``, one mean over every
+    position. A per-position mean also subtracts what the encoder's position embeddings add
+    to each position alike, which is most of what a token says about *where* it is (measured
+    on the toy world's 3x3-token encoder: a linear probe reads the object's cell from its
+    token 0.985 of the time raw or centred by one mean, 0.598 centred per position)."""
     from safetensors.torch import save_file
 
     if encoder.center is not None or encoder.normalize:
@@ -165,6 +178,8 @@ def token_mean(encoder: GridEncoder, images: Any, path: str | Path, batch_size: 
     for start in range(0, len(images), batch_size):
         chunk = encoder.preprocess(images[start : start + batch_size])
         x = encoder(move_pixels(chunk, next(encoder.parameters()).device))
+        if not per_token:
+            x = x.reshape(-1, 1, x.shape[-1])
         total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
     if total is None:

@@ -213,7 +213,12 @@ def center_encoder(out: Path, preset: Preset, files: dict[str, Path]) -> None:
     encoder = create("encoder", "siglip", **kwargs)
     rows = [json.loads(x) for x in files["pairs"].read_text().splitlines()[:2048]]
     images = [np.asarray(Image.open(files["images"] / r["image"]).convert("RGB")) for r in rows]
-    token_mean(encoder, to_pixels(images), out / "encoder" / "token_mean.safetensors")
+    token_mean(
+        encoder,
+        to_pixels(images),
+        out / "encoder" / "token_mean.safetensors",
+        per_token=preset.encoder_center_per_token,
+    )
 
 
 def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) -> None:

@@ -53,6 +53,9 @@ class Preset:
     encoder_hidden: int = 128
     encoder_lr: float = 1e-3
     encoder_batch: int = 64
+    # the encoder's ``center`` mean: one per token position (True), or one over all positions
+    # (False), which keeps what the position embeddings add (``token_mean(per_token=)``)
+    encoder_center_per_token: bool = True
     num_tokens: int = 16
     batch_size: int = 32
     held_out: float = 0.35
