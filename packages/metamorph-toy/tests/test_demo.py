@@ -135,7 +135,7 @@ def test_a_run_reuses_what_its_data_leaves_unchanged(micro_run, tmp_path):
     data is the same file for file) and train what differs: here the language model, whose
     text loses the facts."""
     out = tmp_path / "no-facts"
-    m = run_demo("micro", out, Options(seed=0, text_facts=False), reuse=micro_run)
+    m = run_demo("micro", out, Options(seed=0, text_facts=False), reuse=micro_run, lanes=2)
     assert m["reused"]["stages"] == ["decoder", "encoder", "judge"]
     assert "center" not in m["seconds"] and {"lm", "vpit", "eval"} <= set(m["seconds"])
     for entry in ("encoder/token_mean.safetensors", "decoder/final/config.json"):
@@ -195,3 +195,18 @@ def test_the_wall_budget_of_two_lanes_overlaps_the_encoder_side_with_the_lm_side
     with pytest.raises(ValueError, match="lanes=3"):
         run_demo("micro", tmp_path / "three", lanes=3)
     assert not (tmp_path / "three").exists()
+
+
+def test_a_second_lane_that_dies_is_a_clear_error():
+    """The lane's process dying (here it exits at once; in a script without a main guard it
+    fails to start) is named, with the way out, instead of a bare BrokenProcessPool."""
+    import os
+
+    from metamorph_toy.demo import StageClock, _two_lanes
+
+    nothing = ("lm", print, ())
+    with pytest.raises(RuntimeError, match="second lane .* died.*__main__"):
+        _two_lanes(
+            StageClock(), lambda m: None, lambda: "judge", [("encoder", os._exit, (3,))],
+            ("decoder", print, ()), nothing, ("vpit", print, ()), 2,
+        )  # fmt: skip

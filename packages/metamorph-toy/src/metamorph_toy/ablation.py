@@ -27,7 +27,7 @@ def run_ablation(
     out: str | Path = "runs/demo-ablation",
     seeds: tuple[int, ...] = (0, 1, 2),
     log: Callable[[str], None] = print,
-    lanes: int = 2,
+    lanes: int = 1,
 ) -> dict[str, Any]:
     """The paper's findings on the toy world, over ``seeds``: generation accuracy with and
     without understanding data at equal (low) generation data, and reasoning accuracy with and

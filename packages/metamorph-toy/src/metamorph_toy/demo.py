@@ -493,6 +493,7 @@ def _two_lanes(
     judge; each stage's seconds go into ``clock`` (they overlap: ``total`` is the wall)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -508,6 +509,13 @@ def _two_lanes(
             clock.seconds.update(cache.result())
             clock.run(vpit[0], lambda: vpit[1](*vpit[2]), log)
             clock.seconds.update(drawn.result())
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                "the demo's second lane (encoder, cache, decoder) died before it finished; "
+                "its error is printed above. If run_demo(lanes=2) was called from a script, "
+                'call it under `if __name__ == "__main__":` (the lane\'s process imports the '
+                "script's main module), or use lanes=1"
+            ) from e
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -593,13 +601,16 @@ def run_demo(
     options: Options | None = None,
     log: Callable[[str], None] = print,
     reuse: str | Path | None = None,
-    lanes: int = 2,
+    lanes: int = 1,
 ) -> dict[str, Any]:
     """Run every stage into ``out``; returns the metrics (also in ``out/metrics.json``).
 
-    ``lanes`` 2 (with two CPU threads or more): the encoder, its feature cache and the decoder
-    train in a second process beside the judge, the language model and VPiT, each lane on
-    half the threads (:func:`_two_lanes`); 1: one stage after another on all of them.
+    ``lanes`` 1: one stage after another on all CPU threads. 2 (``metamorph demo``'s default;
+    with two threads or more): the encoder, its feature cache and the decoder train in a
+    spawned process beside the judge, the language model and VPiT, each lane on half the
+    threads (:func:`_two_lanes`). As with any spawned process, a script that calls this with
+    ``lanes=2`` must do so under ``if __name__ == "__main__":`` (the new process imports the
+    script's main module, and would otherwise run it again).
 
     ``reuse``: a finished run of the same preset and seed (the ablation's first condition)
     whose judge, encoder and decoder, and language model where this run's text for it is the
