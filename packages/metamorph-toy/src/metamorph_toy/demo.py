@@ -18,6 +18,9 @@ Stages, each through the library's Python API (the recipe runner, the feature-ca
    decoder-tuned``, the decoder that draws the generated images.)
 8. ``eval``: metrics with 95% intervals and chance baselines (``metrics.json``) and a
    ``report.md`` with PNG grids.
+
+With two lanes (``metamorph demo``; ``run_demo(lanes=2)``) stages 3-5 run in a second
+process beside 2, 6 and 7; VPiT waits for the cache (:func:`_two_lanes`).
 """
 
 from __future__ import annotations
