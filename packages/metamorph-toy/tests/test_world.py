@@ -90,3 +90,20 @@ def test_the_papers_answers_without_restatements(tmp_path):
     said = [r["conversations"][1]["value"] for r in rows(files["text"])]
     said += [r["text"] for r in rows(files["lm_text"])]
     assert not [t for t in said if f"{W.ANSWER_LEAD} a " in t]  # no restatement anywhere
+
+
+def test_question_mix_sets_how_often_each_attribute_is_asked(tmp_path):
+    preset = D.Preset(**{**SMALL.__dict__, "question_mix": (2, 1, 1, 3)})
+    files = D.write_world(tmp_path / "mix", preset, D.Options(seed=0))["files"]
+    asked = [r["conversations"][0]["value"].split("\n", 1)[1] for r in rows(files["understanding"])]
+    counts = {a: asked.count(W.QUESTIONS[a]) for a in W.ATTRIBUTES}
+    # 128 questions cycling shape, shape, colour, size, position x 3 (18 cycles and 2 more)
+    assert counts == {"shape": 38, "colour": 18, "size": 18, "position": 54}
+    plain = D.write_world(tmp_path / "plain", SMALL, D.Options(seed=0))["files"]
+    # the same images and scenes: only the questions asked of them differ
+    images = [r["image"] for r in rows(files["understanding"])]
+    assert images == [r["image"] for r in rows(plain["understanding"])]
+    with pytest.raises(ValueError, match="question_mix"):
+        D.question_cycle((1, 1, 1))
+    with pytest.raises(ValueError, match="question_mix"):
+        D.question_cycle((0, 0, 0, 0))

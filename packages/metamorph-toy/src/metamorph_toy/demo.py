@@ -91,10 +91,11 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
         s = pick(allowed)
         decoder.append({"image": _save(W.render(s, rng), images, f"dec-{k:05d}.png")})
     understanding = []
+    asked = question_cycle(preset.question_mix)
     if options.understanding_data:
         for k in range(preset.understanding):
             s = pick(scenes)
-            attribute = W.ATTRIBUTES[k % len(W.ATTRIBUTES)]
+            attribute = asked[k % len(asked)]
             understanding.append(
                 {
                     "id": f"u{k}",
@@ -149,6 +150,17 @@ def write_world(out: Path, preset: Preset, options: Options) -> dict[str, Any]:
     everything = [{"image": r["image"]} for r in pairs + decoder + understanding + generation]
     files["all_images"] = _jsonl(data / "all_images.jsonl", everything)
     return {"splits": splits, "files": files, "images": images}
+
+
+def question_cycle(mix: tuple[int, ...]) -> list[str]:
+    """The attributes the understanding questions ask about, in the order they cycle: ``mix``
+    of each of :data:`~.world.ATTRIBUTES` (``(2, 1, 1, 3)``: shape, shape, colour, size,
+    position, position, position)."""
+    if len(mix) != len(W.ATTRIBUTES) or min(mix) < 0 or not sum(mix):
+        raise ValueError(
+            f"question_mix {mix!r}: give a count >= 0 for each of {W.ATTRIBUTES}, not all 0"
+        )
+    return [a for a, n in zip(W.ATTRIBUTES, mix, strict=True) for _ in range(n)]
 
 
 def _text_conversations(options: Options, restate: bool) -> list[dict[str, Any]]:

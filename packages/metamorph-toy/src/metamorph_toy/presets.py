@@ -53,6 +53,10 @@ class Preset:
     encoder_hidden: int = 128
     encoder_lr: float = 1e-3
     encoder_batch: int = 64
+    # how often each attribute is asked about in the understanding training data, in the order
+    # of ``world.ATTRIBUTES`` (shape, colour, size, position): the questions cycle through
+    # that many of each (the test questions stay one of each)
+    question_mix: tuple[int, ...] = (1, 1, 1, 1)
     # the encoder's ``center`` mean: one per token position (True), or one over all positions
     # (False), which keeps what the position embeddings add (``token_mean(per_token=)``)
     encoder_center_per_token: bool = True
