@@ -121,6 +121,7 @@ PRESETS = {
         lm_layers=4,
         vpit_steps=1800,
         understanding=4000,
+        question_mix=(2, 1, 1, 3),  # where and shape asked most: colour and size saturate
         generation=3000,
         text_repeats=4,
         judge_steps=400,
