@@ -192,6 +192,7 @@ def test_the_wall_budget_of_two_lanes_overlaps_the_encoder_side_with_the_lm_side
     # VPiT waits for the cache (12 s in), the decoder follows it in the other lane
     assert wall_budget(budget, 2) == 1 + max(12 + 30, 12 + 20) + 4
     assert wall_budget({**budget, "decoder": 50}, 2) == 1 + 12 + 50 + 4
+    assert wall_budget({"vpit": 30, "decoder": 20}, 2) == 30  # stages not given take none
     with pytest.raises(ValueError, match="lanes=3"):
         run_demo("micro", tmp_path / "three", lanes=3)
     assert not (tmp_path / "three").exists()

@@ -194,7 +194,8 @@ def wall_budget(budget: dict[str, float], lanes: int) -> float:
     """The wall-clock seconds a run's stage budgets add up to: their sum with one lane; with
     two, the encoder side (encoder, centre, cache, decoder) beside the judge, language model
     and VPiT (which waits for the cache), then the stages after VPiT."""
-    b = {k: budget.get(k, 0.0) for k in (*budget, "predict", "tune")}
+    stages = ("world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit")
+    b = {k: float(budget.get(k, 0.0)) for k in (*stages, "predict", "tune", "eval")}
     if lanes == 1:
         return float(sum(budget.values()))
     encoder_side = b["encoder"] + b["center"] + b["cache"]
