@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from metamorph_core.cli import main as cli
 from metamorph_toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
@@ -46,6 +47,8 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     assert set(metrics["over_budget"]) <= set(STAGES)
     for stage in ("encoder", "decoder", "lm", "vpit", "decoder-tuned"):
         assert (out / stage / "final").is_dir(), stage
+    decoder_recipe = yaml.safe_load((out / "recipes" / "decoder.yaml").read_text())
+    assert decoder_recipe["train"]["bf16"] is PRESETS["micro"].decoder_bf16 is True
     predicted = json.loads((out / "cache-predicted" / "cache_config.json").read_text())
     assert predicted["predicted_by"] == str(out / "vpit" / "final")
     for key in METRICS:

@@ -345,6 +345,7 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                 preset.batch_size,
                 preset.decoder_lr,
                 seed,
+                bf16=preset.decoder_bf16,
             ),
         },
     )
