@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from backbone_matrix import (
 
 from metamorph_core import MetaMorphModel
 from metamorph_core.cli import main as cli
-from metamorph_core.testing import free_port
+from metamorph_core.testing import run_torchrun
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "backbones.md"
 BEGIN, END = "<!-- family matrix: begin -->", "<!-- family matrix: end -->"
@@ -60,22 +58,7 @@ class Matrix:
             for family in FAMILIES:
                 saved_backbone(self.root, family)
             out = self.root / "fsdp.json"
-            res = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nproc_per_node=2",
-                    f"--master_port={free_port()}",
-                    str(SCRIPT),
-                    str(self.root),
-                    str(out),
-                ],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                timeout=600,
-            )
+            res = run_torchrun(SCRIPT, self.root, out, timeout=600)
             assert res.returncode == 0, res.stderr[-3000:]
             self.fsdp = json.loads(out.read_text())
         return self.fsdp

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from metamorph_core.testing import free_port, save_tiny_backbone
+from metamorph_core.testing import run_torchrun, save_tiny_backbone
 from metamorph_train.checkpointing import read_weights
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
@@ -34,26 +34,7 @@ def test_two_processes_match_one(tmp_path, strategy, lora):
     assert single.returncode == 0, single.stderr[-3000:]
 
     def two_processes(*steps: str) -> None:
-        two = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                f"--master_port={free_port()}",
-                str(SCRIPT),
-                str(backbone),
-                str(tmp_path / "two"),
-                "2",
-                strategy,
-                lora,
-                *steps,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+        two = run_torchrun(SCRIPT, backbone, tmp_path / "two", "2", strategy, lora, *steps, env=env)
         assert two.returncode == 0, two.stderr[-3000:]
 
     if strategy == "fsdp" and lora == "lora":  # stop after step 1, resume under FSDP2

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from metamorph_core import MetaMorphModel
 from metamorph_core.cli import main as cli
 from metamorph_core.conversation import PixelValues
-from metamorph_core.testing import free_port, save_tiny_backbone, tiny_model_config
+from metamorph_core.testing import save_tiny_backbone, tiny_model_config, torchrun_argv
 from metamorph_decoders.testing import tiny_unet_config
 from metamorph_encoders.testing import save_tiny_siglip2
 from metamorph_train.data import ConversationDataset, ImageDataset, Mixture
@@ -214,8 +213,7 @@ def test_bad_worker_settings_are_refused(vpit, world):
 
 
 def _torchrun(*args, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += [f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
+    cmd = torchrun_argv(SCRIPT, *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -117,32 +117,13 @@ def test_what_cannot_work_is_refused_clearly(run, tmp_path, monkeypatch):
 
 def test_qlora_trains_under_ddp_on_two_processes(run):
     """Every rank loads the 4-bit base itself; DDP averages the LoRA gradients."""
-    import subprocess
-
-    from metamorph_core.testing import free_port
+    from metamorph_core.testing import run_torchrun
 
     root, _, _ = run
     out = root / "ddp"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "metamorph_core.cli",
-            "train",
-            str(root / "recipe.yaml"),
-            "train.strategy=ddp",
-            "train.steps=2",
-            "train.batch_size=2",
-            f"train.output_dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
+    res = run_torchrun(
+        *("-m", "metamorph_core.cli", "train", root / "recipe.yaml", "train.strategy=ddp"),
+        *("train.steps=2", "train.batch_size=2", f"train.output_dir={out}"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "final" / "backbone" / "adapter_model.safetensors").is_file()

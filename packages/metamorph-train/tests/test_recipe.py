@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from metamorph_core import MetaMorphModel
-from metamorph_core.testing import free_port, save_tiny_backbone
+from metamorph_core.testing import free_port, run_torchrun, save_tiny_backbone
 from metamorph_train.recipe import load_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
@@ -207,26 +207,9 @@ def test_metamorph_train_under_torchrun(project, strategy, recipe, meta):
         f"train.strategy={strategy}",
         f"train.meta_init={str(meta).lower()}",
     ]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "metamorph_core.cli",
-            "train",
-            str(project / "recipe.yaml"),
-            *args,
-            "train.batch_size=2",
-            f"train.output_dir={project / 'two'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    res = run_torchrun(
+        *("-m", "metamorph_core.cli", "train", project / "recipe.yaml", *args),
+        *("train.batch_size=2", f"train.output_dir={project / 'two'}"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = (project / "two" / "metrics.jsonl").read_text().splitlines()

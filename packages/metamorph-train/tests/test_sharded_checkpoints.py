@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from metamorph_core import MetaMorphModel
 from metamorph_core.cli import main
 from metamorph_core.errors import CheckpointError
-from metamorph_core.testing import free_port, save_tiny_backbone
+from metamorph_core.testing import save_tiny_backbone, torchrun_argv
 from metamorph_train.checkpointing import read_weights
 from metamorph_train.sharded_checkpoint import file_plan
 from metamorph_train.train_state import GLOBAL_BATCH, latest_checkpoint, read_checkpoint_config
@@ -67,13 +67,11 @@ def recipe(tmp_path_factory) -> Path:
 
 def _train(recipe: Path, out: Path, batch: int, *args: str, ranks: int = 2, crash: int = 0):
     """The script on ``ranks`` processes (per-rank ``batch``); returns the completed process."""
-    launch = [sys.executable]
-    if ranks > 1:
-        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-        launch.append(f"--master_port={free_port()}")
+    run = [SCRIPT, recipe, out, "3", batch, *args]
+    argv = torchrun_argv(*run, ranks=ranks) if ranks > 1 else [sys.executable, *map(str, run)]
     env = {**ENV, "SHARDED_CRASH_AT": str(crash)} if crash else ENV
     return subprocess.run(
-        [*launch, str(SCRIPT), str(recipe), str(out), "3", str(batch), *args],
+        argv,
         capture_output=True,
         text=True,
         env=env,

@@ -5,8 +5,6 @@ and the same scores from two FSDP2 ranks as from one process."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import yaml
 from PIL import Image
 
 from metamorph_core import MetaMorphModel
-from metamorph_core.testing import free_port, samples, save_tiny_backbone, tiny_model_config
+from metamorph_core.testing import run_torchrun, samples, save_tiny_backbone, tiny_model_config
 from metamorph_decoders.testing import tiny_decoder
 from metamorph_train.data import ConversationDataset, Mixture
 from metamorph_train.loggers.jsonl import JSONLLogger
@@ -235,25 +233,9 @@ def test_two_ranks_score_held_out_data_as_one_process_does(project, strategy):
     args = ["train.steps=2", "train.lr=1e-2", "train.eval_every=2", f"train.strategy={strategy}"]
     args += [f"train.eval_prompts={PROMPTS}", "train.eval_generation={max_new_tokens: 3}"]
     two = project / f"two-{strategy}"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "metamorph_core.cli",
-            "train",
-            str(project / "recipe.yaml"),
-            *args,
-            "train.batch_size=2",
-            f"train.output_dir={two}",
-        ],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
+    res = run_torchrun(
+        *("-m", "metamorph_core.cli", "train", project / "recipe.yaml", *args),
+        *("train.batch_size=2", f"train.output_dir={two}"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     (two_row,) = _rows(two / "eval.jsonl")
