@@ -38,8 +38,9 @@ class Preset:
     decoder_tune_steps: int = 0
     decoder_patch: int = 2  # ``sd-unet`` ``patch_size``: the UNet on p x p pixel patches
     decoder_lr: float = 3e-3
-    # the decoder stage under bf16 autocast (``train.bf16``): on a CPU with bf16 matrix units
-    # (AMX, AVX-512 BF16) its steps take ~0.8x the time, so a budget buys more of them
+    # the decoder stage under bf16 autocast (``train.bf16``): its steps took 0.80x the fp32
+    # time on an AMX Xeon (BENCHMARKS.md), so a budget buys more of them; a CPU without bf16
+    # matrix units may run it slower than fp32
     decoder_bf16: bool = False
     # share of training generation requests that leave one attribute unsaid ("Draw a large
     # triangle at the top."): the answer names it in its restatement and draws it, so that the

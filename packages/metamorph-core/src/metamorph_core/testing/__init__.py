@@ -27,9 +27,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_argv(*args: str, ranks: int = 2) -> list[str]:
-    """The argv that runs ``args`` (a script and its arguments, or ``-m module ...``) on
-    ``ranks`` local processes under torchrun, on a free master port."""
+def torchrun_argv(*args: object, ranks: int = 2) -> list[str]:
+    """The argv that runs ``args`` (a script and its arguments, or ``-m module ...``; paths and
+    numbers as their ``str``) on ``ranks`` local processes under torchrun, on a free master
+    port."""
     import sys
 
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
@@ -37,7 +38,7 @@ def torchrun_argv(*args: str, ranks: int = 2) -> list[str]:
 
 
 def run_torchrun(
-    *args: str, ranks: int = 2, timeout: float = 300, env: dict[str, str] | None = None
+    *args: object, ranks: int = 2, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run :func:`torchrun_argv` to completion, one thread a rank (``OMP_NUM_THREADS=1``, over
     ``env`` or the current environment), output captured as text."""
