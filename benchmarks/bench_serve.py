@@ -17,7 +17,7 @@ attached for image answers), driven over HTTP by client threads in this process.
   5xx, every good request answered 200 (every bad one 4xx), and resident memory after the
   first minute grows by at most ``RSS_BOUND_MIB``.
 
-    .venv/bin/python benchmarks/bench_serve.py [--repeats 3] [--soak-s 600] [--smoke]
+    .venv/bin/python benchmarks/bench_serve.py [--repeats 3] [--soak-s 600] [--dtype bfloat16] [--smoke]
 """
 
 from __future__ import annotations
@@ -354,13 +354,22 @@ def main() -> int:
     add_common_arguments(parser)
     parser.add_argument("--soak-s", type=float, default=600.0, help="soak length; 0: none")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="passed to metamorph serve: the LLM's dtype (default: as saved, float32)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.repeats, args.soak_s = 1, min(args.soak_s, 3.0)
-    suite = Suite("serve", command_line("bench_serve.py"), wait=not args.no_wait)
+    name = f"serve-{args.dtype}" if args.dtype else "serve"  # results/<name>.md
+    suite = Suite(name, command_line("bench_serve.py"), wait=not args.no_wait)
     with tempfile.TemporaryDirectory(prefix="metamorph-bench-serve-") as tmp:
         checkpoint = save_checkpoint(Path(tmp), args.smoke)
-        server = Server(checkpoint, Path(tmp) / "server.log")
+        dtype = ("--dtype", args.dtype) if args.dtype else ()
+        suite.note(f"server's LLM dtype: {args.dtype or 'float32 (as saved)'}")
+        server = Server(checkpoint, Path(tmp) / "server.log", *dtype)
         try:
             rounds = Rounds(server.url, stream=args.stream)
             tokens = {"text tokens": CLIENTS * NEW_TOKENS}
@@ -384,7 +393,9 @@ def main() -> int:
                 f"{conc.figures['text tokens/s']:.0f} text tokens/s)",
             )
             # arrivals spread out: joining at the next step vs waiting for the next batch
-            boundary = Server(checkpoint, Path(tmp) / "boundary.log", "--no-continuous-batching")
+            boundary = Server(
+                checkpoint, Path(tmp) / "boundary.log", "--no-continuous-batching", *dtype
+            )
             try:
                 joining, waiting = Staggered(server.url), Staggered(boundary.url)
                 suite.measure(

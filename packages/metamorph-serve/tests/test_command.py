@@ -21,22 +21,31 @@ def _metamorph() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "metamorph_core.cli"]
 
 
-def test_serve_answers_and_stops_on_sigterm(model, tmp_path):
-    checkpoint = model.save_pretrained(tmp_path / "tiny")
+def _serve(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str, dict]:
+    """``metamorph serve CHECKPOINT OPTIONS`` started; its process, URL and first /health."""
     port = free_port()
     argv = [*_metamorph(), "serve", str(checkpoint), "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [*argv, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            health = httpx.get(url + "/health", timeout=1).json()
+            if health["status"] == "ok":
+                return process, url, health
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "metamorph serve did not start"
+            time.sleep(0.2)
+
+
+def test_serve_answers_and_stops_on_sigterm(model, tmp_path):
+    checkpoint = model.save_pretrained(tmp_path / "tiny")
+    process, url, health = _serve(checkpoint)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).json()["status"] == "ok":
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "metamorph serve did not start"
-                time.sleep(0.2)
+        assert health["dtype"] == "float32"  # as saved
         body = {"messages": [{"role": "user", "content": BLUE}], "max_tokens": 40,
                 "metamorph": {"decode_images": False}}  # fmt: skip
         answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
@@ -51,6 +60,24 @@ def test_serve_answers_and_stops_on_sigterm(model, tmp_path):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "serving 'tiny' (with a visual decoder) on http://127.0.0.1:" in output
+
+
+def test_serve_in_bfloat16(model, tmp_path):
+    """``--dtype bfloat16`` loads the LLM in bf16 (the faster batched configuration on CPUs
+    with bf16 units, BENCHMARKS.md "Serving") and it answers."""
+    checkpoint = model.save_pretrained(tmp_path / "tiny")
+    process, url, health = _serve(checkpoint, "--dtype", "bfloat16")
+    try:
+        assert health["dtype"] == "bfloat16"
+        body = {"messages": [{"role": "user", "content": BLUE}], "max_tokens": 8,
+                "metamorph": {"decode_images": False}}  # fmt: skip
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
 
 
 def test_a_taken_port_is_an_error(model, tmp_path):

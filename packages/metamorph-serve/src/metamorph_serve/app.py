@@ -140,6 +140,13 @@ def create_app(
         )
 
     # -- routes ------------------------------------------------------------------------------
+    # the LLM's: the first floating-point weight (a 4-bit base's packed weights are not)
+    compute_dtype = next(
+        (str(p.dtype).removeprefix("torch.") for p in model.backbone.parameters()
+         if p.is_floating_point()),
+        "float32",
+    )  # fmt: skip
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         s = engine.stats
@@ -154,6 +161,7 @@ def create_app(
             "continuous_batching": engine.continuous,
             "cache_implementation": engine.cache_implementation,
             "compile": engine.compile,
+            "dtype": compute_dtype,
             "cancelled": s.cancelled,
             "timed_out": s.timed_out,
             "failures": s.failures,

@@ -32,6 +32,13 @@ def configure(parser: argparse.ArgumentParser) -> Run:
     p.add_argument(
         "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda:0 ..."
     )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the LLM's weights and compute (default: as saved); bfloat16 halves the weight "
+        "traffic of each step and batches better where the hardware has bf16 units",
+    )
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8, help="requests generated together")
     g.add_argument(
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MetaMorphModel.from_pretrained(args.checkpoint).to(device).eval()
+    model = MetaMorphModel.from_pretrained(args.checkpoint, dtype=args.dtype).to(device).eval()
     if args.host not in LOOPBACK and settings.api_key is None:
         print(
             f"warning: serving on {args.host} without an API key: anyone who reaches this "
