@@ -445,11 +445,11 @@ def test_compiled_step_is_one_graph_with_the_same_results(model, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from metamorph_core.generation import loop
+    from metamorph_core.generation import static_cache
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: real(fn, backend="eager"))
-    monkeypatch.setattr(loop, "_COMPILED", type(loop._COMPILED)())
+    monkeypatch.setattr(static_cache, "_COMPILED", type(static_cache._COMPILED)())
     torch._dynamo.reset()
     counters.clear()
     static = {"cache_implementation": "static"}
@@ -482,14 +482,14 @@ def test_a_backbone_without_a_static_cache_is_refused_up_front(model, monkeypatc
 def test_a_static_cache_that_grows_keeps_every_position(model):
     """A static batch that outgrows its cache moves to one twice as long (a new shape): the
     hidden states stay those of the growing dynamic cache, padding rows included."""
-    from metamorph_core.generation.loop import _Rows
+    from metamorph_core.generation.rows import Rows
 
     backbone = model.backbone
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(3, 5, backbone.hidden_size, generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
-    dynamic = _Rows(backbone, embeds, mask, use_cache=True)
-    static = _Rows(backbone, embeds, mask, True, static_length=8, static_max=64)
+    dynamic = Rows(backbone, embeds, mask, use_cache=True)
+    static = Rows(backbone, embeds, mask, True, static_length=8, static_max=64)
     with torch.no_grad():
         assert torch.allclose(dynamic.prefill(), static.prefill(), atol=TOL)
         for t in range(20):  # 5 + 20 positions: the cache grows 8 -> 16 -> 32
@@ -502,12 +502,12 @@ def test_a_static_cache_that_grows_keeps_every_position(model):
 def test_static_caches_are_reused_between_batches(model):
     """A batch gives its static cache back and the next batch of the same shape takes the same
     one (zeroed), so a compiled step meets the same buffers again."""
-    from metamorph_core.generation.loop import _CACHES
+    from metamorph_core.generation.static_cache import CACHES
 
     static = {"cache_implementation": "static", "max_new_tokens": 8}
     first = model.generate(PROMPTS[:2], **static)
-    pooled = {k: [id(c) for c in v] for k, v in _CACHES._free[model.backbone].items()}
+    pooled = {k: [id(c) for c in v] for k, v in CACHES._free[model.backbone].items()}
     second = model.generate(PROMPTS[:2], **static)
-    again = {k: [id(c) for c in v] for k, v in _CACHES._free[model.backbone].items()}
+    again = {k: [id(c) for c in v] for k, v in CACHES._free[model.backbone].items()}
     assert pooled and again == pooled
     same(first, second)

@@ -39,7 +39,6 @@ from typing import Any
 from metamorph_core.generation.config import GenerationConfig, check_options
 from metamorph_core.generation.loop import (
     Admission,
-    check_cache,
     check_room,
     stream_encoded,
     to_pil,
@@ -58,6 +57,7 @@ from metamorph_core.generation.prompts import (
     to_conversations,
 )
 from metamorph_core.generation.protocol import GenerativeModel
+from metamorph_core.generation.static_cache import check_cache
 
 __all__ = [
     "Admission",

@@ -6,9 +6,6 @@ whole sequence recomputed), then each sample takes a visual token, the forced
 
 from __future__ import annotations
 
-import functools
-import threading
-import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +25,9 @@ from metamorph_core.generation.outputs import (
 )
 from metamorph_core.generation.prompts import EncodedPrompt, embed_prompts
 from metamorph_core.generation.protocol import GenerativeModel
+from metamorph_core.generation.rows import Rows
 from metamorph_core.generation.sampling import choose_tokens, make_generators
+from metamorph_core.generation.static_cache import STATIC_CACHE_MIN, bucket, check_cache
 
 
 @dataclass
@@ -44,278 +43,6 @@ class _Sample:
     remaining: int = 0  # outputs left in image mode: visual tokens, then the forced <image_end>
     sampled: int = 0  # text tokens sampled so far
     finish_reason: str | None = None
-
-
-class _Rows:
-    """The batch's sequences on the backbone: a KV cache, or (``use_cache=False``) the whole
-    sequence recomputed at every step. Finished rows keep a place (masked, position frozen)
-    unless :meth:`keep` drops them; :meth:`merge` adds prefilled rows (joining mid-generation).
-    ``static_length``: the cache is allocated for that many positions and every step sees the
-    whole ``(r, static_length)`` mask (same shapes each step); when the batch outgrows it, a
-    cache of twice the length (at most ``static_max``) takes its place — a new shape, so a new
-    compiled graph — unless a layer is a sliding window, whose cache is allocated at
-    ``static_max`` from the start; the rows are padded to
-    a power of two with copies of the last one (their outputs dropped), so that batches of
-    nearby sizes share a compiled graph. ``compiled``: the steps run through the backbone's
-    compiled forward (:func:`_compiled_step`).
-    """
-
-    def __init__(
-        self,
-        backbone: Any,
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        use_cache: bool,
-        static_length: int | None = None,
-        compiled: bool = False,
-        static_max: int | None = None,
-    ) -> None:
-        self.backbone, self.use_cache = backbone, use_cache
-        self.mask = mask  # (r, l) long
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (r, l)
-        self.next_position = self.positions[:, -1] + 1  # (r,)
-        self.embeds = embeds  # (r, l, d); only the last step's when cached
-        self.cache: Any = None
-        self.static_length = static_length
-        self.static_max = static_max if static_max is not None else static_length
-        self.static_mask: torch.Tensor | None = None  # (rows padded, static_length)
-        self.extra = 0  # the padding rows of a static batch
-        self.compiled = compiled
-        self.forward_step = (
-            functools.partial(_compiled_step(backbone), backbone) if compiled else backbone
-        )
-
-    def prefill(self) -> torch.Tensor:
-        """Run the prompts; ``(r, d)`` hidden states at their last positions."""
-        cache = None
-        embeds, mask, positions = self.embeds, self.mask, self.positions
-        if self.static_length is not None:
-            r, width = self.mask.shape
-            self.extra = _bucket(r) - r
-            cache = _CACHES.take(self.backbone, r + self.extra, self.static_length)
-            if not _growable(cache):
-                _CACHES.give_back(self.backbone, r + self.extra, self.static_length, cache)
-                self.static_length = self.static_max
-                cache = _CACHES.take(self.backbone, r + self.extra, self.static_length)
-            embeds, mask, positions = (self._pad(x) for x in (embeds, mask, positions))
-            self.static_mask = mask.new_zeros(r + self.extra, self.static_length)
-            self.static_mask[:, :width] = mask
-        out = self.backbone(
-            embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=self.use_cache,
-        )
-        self.cache = cache if cache is not None else out.cache
-        return out.hidden_states[: len(self.mask), -1]
-
-    def _grow(self) -> None:
-        """A static cache (and mask) of twice the length holding this one's positions."""
-        assert self.static_mask is not None
-        length = min(2 * self.static_length, self.static_max)
-        if length <= self.static_length:
-            raise RuntimeError("a static batch outgrew the longest it could reach")
-        rows = len(self.static_mask)
-        cache = _CACHES.take(self.backbone, rows, length)
-        for new, old in zip(cache.layers, self.cache.layers, strict=True):
-            if not new.is_initialized:
-                new.lazy_initialization(old.keys, old.values)
-            new.keys[:, :, : self.static_length].copy_(old.keys)
-            new.values[:, :, : self.static_length].copy_(old.values)
-            new.cumulative_length.copy_(old.cumulative_length)
-        _CACHES.give_back(self.backbone, rows, self.static_length, self.cache)
-        mask = self.static_mask.new_zeros(rows, length)
-        mask[:, : self.static_length] = self.static_mask
-        self.cache, self.static_mask, self.static_length = cache, mask, length
-
-    def release(self) -> None:
-        """Hand a static cache back for the next batch of its shape."""
-        if self.static_mask is not None and self.cache is not None:
-            _CACHES.give_back(self.backbone, len(self.static_mask), self.static_length, self.cache)
-            self.cache = None
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with the static batch's padding rows (copies of its last row)."""
-        if not self.extra:
-            return x
-        return torch.cat([x, x[-1:].expand(self.extra, *x.shape[1:])])
-
-    def step(self, embeds: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Append one input per row (``(r, d)`` embeddings; rows not ``alive`` are masked)."""
-        position = self.next_position[:, None]
-        column = self.mask.shape[1]
-        self.mask = torch.cat([self.mask, alive[:, None].to(self.mask.dtype)], dim=1)
-        self.next_position = self.next_position + alive.long()
-        if self.static_mask is not None:  # the cache keeps its object until it grows
-            if column >= self.static_length:
-                self._grow()
-            self.static_mask[:, column] = self._pad(alive).to(self.static_mask.dtype)
-            out = self.forward_step(
-                self._pad(embeds)[:, None],
-                attention_mask=self.static_mask,
-                position_ids=self._pad(position),
-                cache=self.cache,
-                use_cache=True,
-            )
-            hidden = out.hidden_states[: len(self.mask), -1]
-            # a CUDA graph's next replay overwrites its outputs
-            return hidden.clone() if self.compiled else hidden
-        if self.use_cache:
-            out = self.backbone(
-                embeds[:, None],
-                attention_mask=self.mask,
-                position_ids=position,
-                cache=self.cache,
-                use_cache=True,
-            )
-            self.cache = out.cache
-        else:
-            self.embeds = torch.cat([self.embeds, embeds[:, None]], dim=1)
-            self.positions = torch.cat([self.positions, position], dim=1)
-            out = self.backbone(self.embeds, attention_mask=self.mask, position_ids=self.positions)
-        return out.hidden_states[:, -1]
-
-    def resizable(self) -> bool:
-        """Whether rows can be added and dropped: the whole-sequence path, or a cache whose
-        every layer is transformers' plain growing key/value store (not a sliding window, a
-        quantised or a static cache)."""
-        return not self.use_cache or _every_layer(self.cache, "DynamicLayer")
-
-    def merge(self, other: _Rows, order: torch.Tensor) -> None:
-        """Add ``other``'s prefilled rows: both left-padded to the longer sequence (padding
-        masked), then every row put in ``order`` (indices into these rows, then other's)."""
-        la, lb = self.mask.shape[1], other.mask.shape[1]
-        width = max(la, lb)
-
-        def both(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-            return torch.cat([_left_pad(a, dim, width - la), _left_pad(b, dim, width - lb)])[order]
-
-        self.mask = both(self.mask, other.mask, 1)
-        self.next_position = torch.cat([self.next_position, other.next_position])[order]
-        if self.use_cache:
-            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-                mine.keys = both(mine.keys, theirs.keys, 2)
-                mine.values = both(mine.values, theirs.values, 2)
-        else:
-            self.embeds = both(self.embeds, other.embeds, 1)
-            self.positions = both(self.positions, other.positions, 1)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (indices, in their new order), and drop the leading columns that
-        none of them attends to."""
-        self.mask, self.next_position = self.mask[rows], self.next_position[rows]
-        first = int(self.mask.any(dim=0).long().argmax())
-        self.mask = self.mask[:, first:]
-        if self.use_cache:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[rows, :, first:]
-                layer.values = layer.values[rows, :, first:]
-        else:
-            self.embeds = self.embeds[rows, first:]
-            self.positions = self.positions[rows, first:]
-
-
-#: each backbone class's compiled forward, called with the backbone as its first argument
-#: (compiled graphs are cached by torch per backbone and shape; holding the class, not the
-#: instance, keeps a dropped model collectable)
-_COMPILED: dict[type, Callable[..., Any]] = {}
-
-
-def _compiled_step(backbone: Any) -> Callable[..., Any]:
-    """``type(backbone).forward`` through ``torch.compile(mode="reduce-overhead")``: on CUDA,
-    each shape (batch bucket, cache length) is captured as a CUDA graph once and replayed (the
-    static caches are pooled, :class:`_CachePool`, so their addresses stay the same). Allows
-    dynamo :data:`COMPILED_SHAPES` shapes of it (its default is 8), as a server meets many."""
-    kind = type(backbone)
-    if kind not in _COMPILED:
-        import torch._dynamo
-
-        config = torch._dynamo.config
-        config.cache_size_limit = max(config.cache_size_limit, COMPILED_SHAPES)
-        _COMPILED[kind] = torch.compile(kind.forward, mode="reduce-overhead")
-    return _COMPILED[kind]
-
-
-class _CachePool:
-    """Static caches kept per backbone and shape (rows, length, device, dtype) between
-    batches: a batch takes one (reset: zeroed in place) and gives it back when it ends, so a
-    compiled step meets the same buffers again and replays its CUDA graph instead of
-    recording a new one. The caches stay allocated while the backbone lives."""
-
-    def __init__(self) -> None:
-        self._free: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], list[Any]]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(backbone: Any, rows: int, length: int) -> tuple[Any, ...]:
-        weight = next(backbone.parameters())
-        return rows, length, weight.device, weight.dtype
-
-    def take(self, backbone: Any, rows: int, length: int) -> Any:
-        with self._lock:
-            free = self._free.setdefault(backbone, {}).get(self._key(backbone, rows, length))
-            cache = free.pop() if free else None
-        if cache is None:
-            return backbone.static_cache(length)
-        cache.reset()
-        return cache
-
-    def give_back(self, backbone: Any, rows: int, length: int, cache: Any) -> None:
-        with self._lock:
-            pool = self._free.setdefault(backbone, {})
-            pool.setdefault(self._key(backbone, rows, length), []).append(cache)
-
-
-_CACHES = _CachePool()
-
-
-#: static caches are allocated for a power of two of positions (at least this many), so that
-#: batches of similar lengths share compiled graphs
-STATIC_CACHE_MIN = 128
-#: compiled shapes of the step allowed before dynamo falls back to eager
-COMPILED_SHAPES = 64
-
-
-def check_cache(model: GenerativeModel, config: GenerationConfig) -> None:
-    """A :class:`ValueError` when ``config`` asks for a static cache that ``model``'s backbone
-    does not have (a server checks it at start)."""
-    from metamorph_core.interfaces import Backbone
-
-    static = getattr(type(model.backbone), "static_cache", None)
-    if config.cache_implementation == "static" and static is Backbone.static_cache:
-        raise ValueError(
-            f"backbone {type(model.backbone).__name__} has no static KV cache "
-            "(Backbone.static_cache); generate with cache_implementation='dynamic'"
-        )
-
-
-def _growable(cache: Any) -> bool:
-    """Whether a static cache can be copied into a longer one: transformers' plain
-    ``StaticLayer`` in every layer (a sliding window's buffer wraps around)."""
-    return _every_layer(cache, "StaticLayer")
-
-
-def _every_layer(cache: Any, kind: str) -> bool:
-    """Whether every layer of ``cache`` is transformers' cache layer class ``kind`` exactly
-    (not a subclass: sliding windows and quantised layers derive from the plain ones)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == kind for layer in layers)
-
-
-def _bucket(n: int, least: int = 1) -> int:
-    """The power of two at or above ``n`` (and ``least``)."""
-    return max(least, 1 << max(n - 1, 0).bit_length())
-
-
-def _left_pad(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-    if n == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = n
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def check_room(model: GenerativeModel, prompts: Sequence[EncodedPrompt], force_image: bool) -> int:
@@ -455,7 +182,7 @@ class _Loop:
             self.generators += make_generators(start, len(prompts), self.device)
         return list(range(first, len(self.samples)))
 
-    def _rows(self, prompts: Sequence[EncodedPrompt], limits: Sequence[int]) -> _Rows:
+    def _rows(self, prompts: Sequence[EncodedPrompt], limits: Sequence[int]) -> Rows:
         rows = [p.sample for p in prompts]
         rows += [p.unconditional for p in prompts if p.unconditional is not None and self.guided]
         embeds, mask = embed_prompts(self.model, rows)
@@ -463,7 +190,7 @@ class _Loop:
         static = most = None
         if c.cache_implementation == "static":
             pairs = list(zip(prompts, limits, strict=True))
-            most = _bucket(
+            most = bucket(
                 mask.shape[1] + max(self._room(len(p.sample.input_ids), k) for p, k in pairs),
                 STATIC_CACHE_MIN,
             )
@@ -471,8 +198,8 @@ class _Loop:
             likely = max(
                 min(self._room(len(p.sample.input_ids), k), k + self.n + 1) for p, k in pairs
             )
-            static = min(_bucket(mask.shape[1] + likely, STATIC_CACHE_MIN), most)
-        return _Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile, most)
+            static = min(bucket(mask.shape[1] + likely, STATIC_CACHE_MIN), most)
+        return Rows(self.model.backbone, embeds, mask, c.use_cache, static, c.compile, most)
 
     def _room(self, prompt_length: int, limit: int) -> int:
         """The most positions a sample can add to its prompt: its image and ``<image_end>``
