@@ -161,6 +161,7 @@ PRESETS = {
         lm_layers=4,
         vpit_steps=3000,
         understanding=12000,
+        question_mix=(2, 1, 1, 3),  # as quick: one of each left "where" at chance
         generation=8000,
         text_repeats=8,
         judge_steps=800,
