@@ -33,7 +33,7 @@ TOKENS, TOKEN_DIM = 16, 64
 
 
 def unet_config(channels: tuple[int, ...]) -> dict[str, Any]:
-    """The toy demo's pixel-space UNet (``metamorph_toy.demo.train_decoder``)."""
+    """The toy demo's pixel-space UNet (``metamorph_toy.stages.train_decoder``)."""
     depth = len(channels)
     return {
         "sample_size": 32,

@@ -5,6 +5,7 @@ and understanding and the judge are clearly above their chance baselines."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -178,6 +179,39 @@ def test_an_ablation_reads_back_finished_runs_and_redoes_unfinished_ones(tmp_pat
     assert _finished_run(done, preset, options, logged.append)["run"]["seed"] == 3
     with pytest.raises(FileExistsError, match="generation"):
         _finished_run(done, preset, Options(seed=3), logged.append)
+
+
+def test_an_ablation_reuses_each_seeds_demo_run(tmp_path, monkeypatch, capsys):
+    """``--reuse runs/demo-s{seed}``: each seed's first condition copies from that seed's demo
+    run, the later conditions from the first (what they copy is run_demo's reuse, tested
+    above); a pattern without {seed} for several seeds, or --reuse without --ablation, is
+    refused."""
+    from metamorph_toy import ablation
+
+    calls = []
+
+    def fake_run_demo(preset, out, options, log, reuse, lanes):
+        calls.append((options.seed, Path(out).name, reuse))
+        metric = {"value": 0.5}
+        metrics = {m: metric for m in ablation._ABLATION_METRICS.values()}
+        Path(out).mkdir(parents=True)  # not finished: no metrics.json
+        return metrics
+
+    monkeypatch.setattr(ablation, "run_demo", fake_run_demo)
+    out = tmp_path / "abl"
+    summary = ablation.run_ablation("micro", out, (0, 1), lambda m: None, reuse="runs/d-s{seed}")
+    assert summary["reuse"] == "runs/d-s{seed}"
+    for seed in (0, 1):
+        first = out / f"seed-{seed}" / "all_data"
+        assert calls[3 * seed : 3 * seed + 3] == [
+            (seed, "all_data", Path(f"runs/d-s{seed}")),
+            (seed, "no_understanding", first),
+            (seed, "no_text_facts", first),
+        ]
+    with pytest.raises(ValueError, match="seed"):
+        ablation.run_ablation("micro", tmp_path / "b", (0, 1), reuse="runs/one")
+    assert cli(["demo", "--preset", "micro", "--out", str(tmp_path / "c"), "--reuse", "x"]) == 2
+    assert "--ablation" in capsys.readouterr().err
 
 
 def test_ablation_conditions_draw_the_same_generation_conversations():

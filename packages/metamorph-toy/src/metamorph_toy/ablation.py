@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from metamorph_toy.demo import VPIT_WEIGHTS, remove_demo_run, run_demo, settings_differ
+from metamorph_toy.demo import remove_demo_run, run_demo, settings_differ
 from metamorph_toy.presets import PRESETS, Options, Preset, run_record
+from metamorph_toy.stages import VPIT_WEIGHTS
 
 ABLATIONS = {
     # condition -> options; generation data is cut to a tenth (the low-data regime)
@@ -28,6 +29,7 @@ def run_ablation(
     seeds: tuple[int, ...] = (0, 1, 2),
     log: Callable[[str], None] = print,
     lanes: int = 1,
+    reuse: str | None = None,
 ) -> dict[str, Any]:
     """The paper's findings on the toy world, over ``seeds``: generation accuracy with and
     without understanding data at equal (low) generation data, and reasoning accuracy with and
@@ -39,19 +41,31 @@ def run_ablation(
     a source trains fewer steps, so that it differs from the first only by that source's
     batches. A condition whose run finished earlier is read back, not rerun, so an interrupted
     ablation resumes; an unfinished one is removed and run again. ``lanes`` as in
-    :func:`~metamorph_toy.demo.run_demo`."""
+    :func:`~metamorph_toy.demo.run_demo`.
+
+    ``reuse``: each seed's finished demo run of the same preset, ``{seed}`` in the path standing
+    for the seed (``"runs/demo-s{seed}"``): the seed's first condition copies from it the stages
+    its data leaves unchanged (judge, encoder, decoder; :func:`~metamorph_toy.demo.run_demo`'s
+    ``reuse``), so that an ablation after the seeds' demo runs trains VPiT (and the language
+    model where its text differs) only."""
+    if reuse is not None and "{seed}" not in reuse and len(seeds) > 1:
+        raise ValueError(
+            f"reuse '{reuse}' names one run for {len(seeds)} seeds; put {{seed}} where each "
+            "seed's run differs (e.g. runs/demo-s{seed})"
+        )
     base = PRESETS[preset]
     low = max(base.generation // 10, 16)
     results: dict[str, dict[str, list[float]]] = {}
     steps = {c: ablation_vpit_steps(base.vpit_steps, s) for c, s in ABLATIONS.items()}
     for seed in seeds:
+        earlier = Path(reuse.replace("{seed}", str(seed))) if reuse is not None else None
         first: Path | None = None
         for condition, switches in ABLATIONS.items():
             options = Options(seed=seed, generation=low, vpit_steps=steps[condition], **switches)
             run_dir = Path(out) / f"seed-{seed}" / condition
             m = _finished_run(run_dir, base, options, log)
             if m is None:
-                m = run_demo(preset, run_dir, options, log, reuse=first, lanes=lanes)
+                m = run_demo(preset, run_dir, options, log, reuse=first or earlier, lanes=lanes)
             first = first or run_dir
             row = results.setdefault(condition, {k: [] for k in _ABLATION_METRICS})
             for key, metric in _ABLATION_METRICS.items():
@@ -60,6 +74,7 @@ def run_ablation(
         "preset": preset,
         "seeds": list(seeds),
         "generation_conversations": low,
+        "reuse": reuse,
         "vpit_steps": steps,
         "conditions": {
             c: {

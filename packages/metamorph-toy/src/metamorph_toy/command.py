@@ -28,6 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> Run:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="RUN",
+        help="with --ablation: each seed's finished demo run of the same preset, {seed} in the "
+        "path for the seed (e.g. runs/demo-s{seed}); its judge, encoder and decoder are copied "
+        "where the ablation's data for them is the same (checked file by file)",
+    )
+    parser.add_argument(
         "--lanes",
         type=int,
         choices=[1, 2],
@@ -48,9 +56,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--overwrite replaces a single demo run; for --ablation pick a new --out"
             )
-        summary = run_ablation(args.preset, args.out, tuple(args.seeds), lanes=args.lanes)
+        summary = run_ablation(
+            args.preset, args.out, tuple(args.seeds), lanes=args.lanes, reuse=args.reuse
+        )
         print(json.dumps(summary["conditions"], indent=2))
         return 0
+    if args.reuse is not None:
+        raise ValueError("--reuse goes with --ablation (a single demo run trains every stage)")
     if args.overwrite:
         remove_demo_run(args.out)
     metrics = run_demo(args.preset, args.out, Options(seed=args.seed), lanes=args.lanes)
