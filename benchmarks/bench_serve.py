@@ -368,8 +368,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="metamorph-bench-serve-") as tmp:
         checkpoint = save_checkpoint(Path(tmp), args.smoke)
         dtype = ("--dtype", args.dtype) if args.dtype else ()
-        suite.note(f"server's LLM dtype: {args.dtype or 'float32 (as saved)'}")
         server = Server(checkpoint, Path(tmp) / "server.log", *dtype)
+        served = httpx.get(server.url + "/health").json()["dtype"]
+        suite.note(f"server's LLM dtype (its /health): {served}")
         try:
             rounds = Rounds(server.url, stream=args.stream)
             tokens = {"text tokens": CLIENTS * NEW_TOKENS}

@@ -502,12 +502,12 @@ def test_a_static_cache_that_grows_keeps_every_position(model):
 def test_static_caches_are_reused_between_batches(model):
     """A batch gives its static cache back and the next batch of the same shape takes the same
     one (zeroed), so a compiled step meets the same buffers again."""
-    from metamorph_core.generation.static_cache import CACHES
+    from metamorph_core.generation.static_cache import CACHE_POOL
 
     static = {"cache_implementation": "static", "max_new_tokens": 8}
     first = model.generate(PROMPTS[:2], **static)
-    pooled = {k: [id(c) for c in v] for k, v in CACHES._free[model.backbone].items()}
+    pooled = {k: [id(c) for c in v] for k, v in CACHE_POOL._free[model.backbone].items()}
     second = model.generate(PROMPTS[:2], **static)
-    again = {k: [id(c) for c in v] for k, v in CACHES._free[model.backbone].items()}
+    again = {k: [id(c) for c in v] for k, v in CACHE_POOL._free[model.backbone].items()}
     assert pooled and again == pooled
     same(first, second)

@@ -30,15 +30,21 @@ def _serve(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str, dict
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            health = httpx.get(url + "/health", timeout=1).json()
-            if health["status"] == "ok":
-                return process, url, health
-        except httpx.TransportError:
+    try:
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                health = httpx.get(url + "/health", timeout=1).json()
+                if health["status"] == "ok":
+                    return process, url, health
+            except httpx.TransportError:
+                pass
             assert time.monotonic() < deadline, "metamorph serve did not start"
             time.sleep(0.2)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=60)
+        raise
 
 
 def test_serve_answers_and_stops_on_sigterm(model, tmp_path):

@@ -183,8 +183,9 @@ def test_an_ablation_reads_back_finished_runs_and_redoes_unfinished_ones(tmp_pat
 
 def test_an_ablation_reuses_each_seeds_demo_run(tmp_path, monkeypatch, capsys):
     """``--reuse runs/demo-s{seed}``: each seed's first condition copies from that seed's demo
-    run, the later conditions from the first (what they copy is run_demo's reuse, tested
-    above); a pattern without {seed} for several seeds, or --reuse without --ablation, is
+    run, the later conditions from the first, also when the first was finished earlier (what
+    they copy is run_demo's reuse, tested above); every seed's run is checked before anything
+    trains; a pattern without {seed} for several seeds, or --reuse without --ablation, is
     refused."""
     from metamorph_toy import ablation
 
@@ -194,22 +195,39 @@ def test_an_ablation_reuses_each_seeds_demo_run(tmp_path, monkeypatch, capsys):
         calls.append((options.seed, Path(out).name, reuse))
         metric = {"value": 0.5}
         metrics = {m: metric for m in ablation._ABLATION_METRICS.values()}
-        Path(out).mkdir(parents=True)  # not finished: no metrics.json
+        metrics["run"] = {**run_record(PRESETS["micro"], options), "preset": "micro"}
+        metrics["reused"] = {"from": str(reuse)}
+        Path(out).mkdir(parents=True)
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics))
         return metrics
 
     monkeypatch.setattr(ablation, "run_demo", fake_run_demo)
-    out = tmp_path / "abl"
-    summary = ablation.run_ablation("micro", out, (0, 1), lambda m: None, reuse="runs/d-s{seed}")
-    assert summary["reuse"] == "runs/d-s{seed}"
+    for seed in (0, 1):  # the seeds' finished demo runs
+        (tmp_path / f"d-s{seed}").mkdir()
+        (tmp_path / f"d-s{seed}" / "metrics.json").write_text(json.dumps({"run": {"seed": seed}}))
+    pattern, out = str(tmp_path / "d-s{seed}"), tmp_path / "abl"
+    summary = ablation.run_ablation("micro", out, (0, 1), lambda m: None, reuse=pattern)
     for seed in (0, 1):
         first = out / f"seed-{seed}" / "all_data"
         assert calls[3 * seed : 3 * seed + 3] == [
-            (seed, "all_data", Path(f"runs/d-s{seed}")),
+            (seed, "all_data", tmp_path / f"d-s{seed}"),
             (seed, "no_understanding", first),
             (seed, "no_text_facts", first),
         ]
+    assert summary["reused"]["all_data"] == [{"from": str(tmp_path / f"d-s{s}")} for s in (0, 1)]
+    # resumed: the finished conditions are read back, the missing one copies from the first
+    calls.clear()
+    (out / "seed-1" / "no_text_facts" / "metrics.json").unlink()
+    ablation.run_ablation("micro", out, (0, 1), lambda m: None, reuse=pattern)
+    assert calls == [(1, "no_text_facts", out / "seed-1" / "all_data")]
+
+    with pytest.raises(FileNotFoundError, match="seed 2"):  # before anything trains
+        ablation.run_ablation("micro", tmp_path / "b", (0, 2), reuse=pattern)
+    with pytest.raises(ValueError, match="seed 0, not seed 1"):
+        ablation.run_ablation("micro", tmp_path / "b", (1,), reuse=str(tmp_path / "d-s0"))
     with pytest.raises(ValueError, match="seed"):
         ablation.run_ablation("micro", tmp_path / "b", (0, 1), reuse="runs/one")
+    assert len(calls) == 1 and not (tmp_path / "b").exists()
     assert cli(["demo", "--preset", "micro", "--out", str(tmp_path / "c"), "--reuse", "x"]) == 2
     assert "--ablation" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -140,12 +141,7 @@ def create_app(
         )
 
     # -- routes ------------------------------------------------------------------------------
-    # the LLM's: the first floating-point weight (a 4-bit base's packed weights are not)
-    compute_dtype = next(
-        (str(p.dtype).removeprefix("torch.") for p in model.backbone.parameters()
-         if p.is_floating_point()),
-        "float32",
-    )  # fmt: skip
+    compute_dtype = _compute_dtype(model.backbone)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -350,6 +346,16 @@ def _finish(result: Any, task: Job) -> str:
     if result.finish_reason == "cancelled":
         return "timeout" if task.timed_out else "cancelled"
     return FINISH.get(result.finish_reason, result.finish_reason)
+
+
+def _compute_dtype(backbone: Any) -> str:
+    """The LLM's compute dtype: its ``dtype`` (the input embeddings' for transformers
+    backbones), else its first floating-point weight (a 4-bit base's packed weights are
+    not); ``"unknown"`` when it has neither."""
+    dtype = getattr(backbone, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
 
 
 def _usage(prompt_tokens: int, result: Any, model: Any) -> dict[str, Any]:

@@ -44,29 +44,29 @@ def run_ablation(
     :func:`~metamorph_toy.demo.run_demo`.
 
     ``reuse``: each seed's finished demo run of the same preset, ``{seed}`` in the path standing
-    for the seed (``"runs/demo-s{seed}"``): the seed's first condition copies from it the stages
-    its data leaves unchanged (judge, encoder, decoder; :func:`~metamorph_toy.demo.run_demo`'s
-    ``reuse``), so that an ablation after the seeds' demo runs trains VPiT (and the language
-    model where its text differs) only."""
-    if reuse is not None and "{seed}" not in reuse and len(seeds) > 1:
-        raise ValueError(
-            f"reuse '{reuse}' names one run for {len(seeds)} seeds; put {{seed}} where each "
-            "seed's run differs (e.g. runs/demo-s{seed})"
-        )
+    for the seed (``"runs/demo-s{seed}"``): the seed's first condition copies from it the
+    judge, encoder and decoder, and the language model where its text is the same
+    (:func:`~metamorph_toy.demo.run_demo`'s ``reuse``, which checks the data file by file), so
+    that an ablation after the seeds' demo runs trains little more than VPiT. Every seed's run
+    is checked to exist and to be of that seed before anything trains."""
+    earlier = _reused_runs(reuse, seeds)
     base = PRESETS[preset]
     low = max(base.generation // 10, 16)
     results: dict[str, dict[str, list[float]]] = {}
+    copied: dict[str, list[Any]] = {}  # each run's stages copied from another, per seed
     steps = {c: ablation_vpit_steps(base.vpit_steps, s) for c, s in ABLATIONS.items()}
     for seed in seeds:
-        earlier = Path(reuse.replace("{seed}", str(seed))) if reuse is not None else None
         first: Path | None = None
         for condition, switches in ABLATIONS.items():
             options = Options(seed=seed, generation=low, vpit_steps=steps[condition], **switches)
             run_dir = Path(out) / f"seed-{seed}" / condition
             m = _finished_run(run_dir, base, options, log)
             if m is None:
-                m = run_demo(preset, run_dir, options, log, reuse=first or earlier, lanes=lanes)
+                m = run_demo(
+                    preset, run_dir, options, log, reuse=first or earlier.get(seed), lanes=lanes
+                )
             first = first or run_dir
+            copied.setdefault(condition, []).append(m.get("reused"))
             row = results.setdefault(condition, {k: [] for k in _ABLATION_METRICS})
             for key, metric in _ABLATION_METRICS.items():
                 row[key].append(m[metric]["value"])
@@ -74,7 +74,7 @@ def run_ablation(
         "preset": preset,
         "seeds": list(seeds),
         "generation_conversations": low,
-        "reuse": reuse,
+        "reused": copied,
         "vpit_steps": steps,
         "conditions": {
             c: {
@@ -88,6 +88,30 @@ def run_ablation(
     (Path(out) / "ablation.json").write_text(json.dumps(summary, indent=2))
     log(f"[demo] ablation summary: {Path(out) / 'ablation.json'}")
     return summary
+
+
+def _reused_runs(reuse: str | None, seeds: tuple[int, ...]) -> dict[int, Path]:
+    """Each seed's finished demo run named by ``reuse`` (``{seed}`` for the seed); a clear
+    error, before anything trains, for a pattern that names one run for several seeds or a
+    run that is missing, unfinished or of another seed."""
+    if reuse is None:
+        return {}
+    if "{seed}" not in reuse and len(seeds) > 1:
+        raise ValueError(
+            f"reuse '{reuse}' names one run for {len(seeds)} seeds; put {{seed}} where each "
+            "seed's run differs (e.g. runs/demo-s{seed})"
+        )
+    runs = {seed: Path(reuse.replace("{seed}", str(seed))) for seed in seeds}
+    for seed, run in runs.items():
+        record = run / "metrics.json"
+        if not record.is_file():
+            raise FileNotFoundError(
+                f"reuse: '{run}' holds no finished demo run (no metrics.json) for seed {seed}"
+            )
+        ran = json.loads(record.read_text())["run"].get("seed")
+        if ran != seed:
+            raise ValueError(f"reuse: '{run}' is a run of seed {ran}, not seed {seed}")
+    return runs
 
 
 def ablation_vpit_steps(steps: int, switches: dict[str, bool]) -> int:

@@ -32,8 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> Run:
         default=None,
         metavar="RUN",
         help="with --ablation: each seed's finished demo run of the same preset, {seed} in the "
-        "path for the seed (e.g. runs/demo-s{seed}); its judge, encoder and decoder are copied "
-        "where the ablation's data for them is the same (checked file by file)",
+        "path for the seed (e.g. runs/demo-s{seed}); its judge, encoder and decoder (and "
+        "language model where the text is the same) are copied, the data checked file by file",
     )
     parser.add_argument(
         "--lanes",

@@ -40,6 +40,7 @@ from metamorph_toy.evaluate import evaluate, write_report
 from metamorph_toy.presets import PRESETS, Options, Preset, run_record, wall_budget
 from metamorph_toy.stages import (
     _PROGRESS,
+    VPIT_WEIGHTS,
     cache_features,
     center_encoder,
     predict_tokens,
@@ -468,6 +469,7 @@ def run_demo(
 
 
 __all__ = [
+    "VPIT_WEIGHTS",
     "PRESETS",
     "Options",
     "Preset",

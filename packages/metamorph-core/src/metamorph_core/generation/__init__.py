@@ -26,7 +26,9 @@ resumes, until EOS, a stop string or ``max_new_tokens``.
 
 Generation needs only :class:`GenerativeModel` of a model (:mod:`.protocol`). Modules:
 :mod:`.config` (:class:`GenerationConfig`), :mod:`.outputs` (results and events),
-:mod:`.prompts` (prompts -> ids -> embeddings), :mod:`.loop` (the loop), :mod:`.sampling`,
+:mod:`.prompts` (prompts -> ids -> embeddings), :mod:`.loop` (the loop), :mod:`.rows` (the
+batch's sequences on the backbone: cache, rows joining and leaving), :mod:`.static_cache`
+(static caches pooled between batches, the compiled step), :mod:`.sampling`,
 :mod:`.detokenize` (incremental text with stop strings).
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from metamorph_core.generation.static_cache import (
-    CACHES,
+    CACHE_POOL,
     bucket,
     compiled_step,
     every_layer,
@@ -28,7 +28,7 @@ class Rows:
     ``static_max`` from the start; the rows are padded to
     a power of two with copies of the last one (their outputs dropped), so that batches of
     nearby sizes share a compiled graph. ``compiled``: the steps run through the backbone's
-    compiled forward (:func:`compiled_step`).
+    compiled forward (:func:`~.static_cache.compiled_step`).
     """
 
     def __init__(
@@ -63,11 +63,11 @@ class Rows:
         if self.static_length is not None:
             r, width = self.mask.shape
             self.extra = bucket(r) - r
-            cache = CACHES.take(self.backbone, r + self.extra, self.static_length)
+            cache = CACHE_POOL.take(self.backbone, r + self.extra, self.static_length)
             if not growable(cache):
-                CACHES.give_back(self.backbone, r + self.extra, self.static_length, cache)
+                CACHE_POOL.give_back(self.backbone, r + self.extra, self.static_length, cache)
                 self.static_length = self.static_max
-                cache = CACHES.take(self.backbone, r + self.extra, self.static_length)
+                cache = CACHE_POOL.take(self.backbone, r + self.extra, self.static_length)
             embeds, mask, positions = (self._pad(x) for x in (embeds, mask, positions))
             self.static_mask = mask.new_zeros(r + self.extra, self.static_length)
             self.static_mask[:, :width] = mask
@@ -88,14 +88,14 @@ class Rows:
         if length <= self.static_length:
             raise RuntimeError("a static batch outgrew the longest it could reach")
         rows = len(self.static_mask)
-        cache = CACHES.take(self.backbone, rows, length)
+        cache = CACHE_POOL.take(self.backbone, rows, length)
         for new, old in zip(cache.layers, self.cache.layers, strict=True):
             if not new.is_initialized:
                 new.lazy_initialization(old.keys, old.values)
             new.keys[:, :, : self.static_length].copy_(old.keys)
             new.values[:, :, : self.static_length].copy_(old.values)
             new.cumulative_length.copy_(old.cumulative_length)
-        CACHES.give_back(self.backbone, rows, self.static_length, self.cache)
+        CACHE_POOL.give_back(self.backbone, rows, self.static_length, self.cache)
         mask = self.static_mask.new_zeros(rows, length)
         mask[:, : self.static_length] = self.static_mask
         self.cache, self.static_mask, self.static_length = cache, mask, length
@@ -103,7 +103,9 @@ class Rows:
     def release(self) -> None:
         """Hand a static cache back for the next batch of its shape."""
         if self.static_mask is not None and self.cache is not None:
-            CACHES.give_back(self.backbone, len(self.static_mask), self.static_length, self.cache)
+            CACHE_POOL.give_back(
+                self.backbone, len(self.static_mask), self.static_length, self.cache
+            )
             self.cache = None
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:

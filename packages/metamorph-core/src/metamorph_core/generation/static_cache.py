@@ -64,7 +64,7 @@ class CachePool:
             pool.setdefault(self._key(backbone, rows, length), []).append(cache)
 
 
-CACHES = CachePool()
+CACHE_POOL = CachePool()
 
 
 #: static caches are allocated for a power of two of positions (at least this many), so that
