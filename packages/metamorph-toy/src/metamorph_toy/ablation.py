@@ -108,7 +108,7 @@ def _reused_runs(reuse: str | None, seeds: tuple[int, ...]) -> dict[int, Path]:
             raise FileNotFoundError(
                 f"reuse: '{run}' holds no finished demo run (no metrics.json) for seed {seed}"
             )
-        ran = json.loads(record.read_text())["run"].get("seed")
+        ran = json.loads(record.read_text()).get("run", {}).get("seed")
         if ran != seed:
             raise ValueError(f"reuse: '{run}' is a run of seed {ran}, not seed {seed}")
     return runs
