@@ -369,9 +369,9 @@ def main() -> int:
         checkpoint = save_checkpoint(Path(tmp), args.smoke)
         dtype = ("--dtype", args.dtype) if args.dtype else ()
         server = Server(checkpoint, Path(tmp) / "server.log", *dtype)
-        served = httpx.get(server.url + "/health").json()["dtype"]
-        suite.note(f"server's LLM dtype (its /health): {served}")
         try:
+            served = httpx.get(server.url + "/health").json()["dtype"]
+            suite.note(f"server's LLM dtype (its /health): {served}")
             rounds = Rounds(server.url, stream=args.stream)
             tokens = {"text tokens": CLIENTS * NEW_TOKENS}
             seq, conc = suite.measure(

@@ -39,10 +39,10 @@ from metamorph_toy import world as W
 from metamorph_toy.evaluate import evaluate, write_report
 from metamorph_toy.presets import PRESETS, Options, Preset, run_record, wall_budget
 from metamorph_toy.stages import (
-    _PROGRESS,
     VPIT_WEIGHTS,
     cache_features,
     center_encoder,
+    hide_progress,
     predict_tokens,
     train_decoder,
     train_encoder,
@@ -217,7 +217,7 @@ def _lane(stages: list[Stage], threads: int) -> dict[str, float]:
     progress bars (another lane owns the terminal's); returns their seconds."""
     import torch
 
-    _PROGRESS["show"] = False
+    hide_progress()
     torch.set_num_threads(threads)
     clock = StageClock()
     for name, fn, args in stages:

@@ -22,6 +22,12 @@ from metamorph_toy.presets import Preset
 _PROGRESS = {"show": True}
 
 
+def hide_progress() -> None:
+    """No progress bars from this process's stages (a second lane: the first owns the
+    terminal)."""
+    _PROGRESS["show"] = False
+
+
 def _train(path: Path, tree: dict[str, Any]) -> None:
     """Train the recipe ``tree`` through the library's recipe runner; the recipe is also
     written to ``path`` (``metamorph train PATH`` reruns the stage by hand)."""
