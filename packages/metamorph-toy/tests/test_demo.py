@@ -151,6 +151,26 @@ def test_a_run_reuses_what_its_data_leaves_unchanged(micro_run, tmp_path):
         run_demo("micro", other_seed, Options(seed=1), reuse=micro_run)
 
 
+def test_a_setting_a_run_did_not_record_is_read_at_its_default(micro_run, tmp_path):
+    """A run made before a preset setting existed records nothing for it: reuse reads it at
+    the setting's default (the behaviour that run had) and refuses any other recorded value."""
+    from metamorph_toy.demo import reusable_stages, write_world
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "data").symlink_to(micro_run / "data")
+    metrics = json.loads((micro_run / "metrics.json").read_text())
+    del metrics["run"]["encoder_pooling"]
+    (earlier / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "new"
+    write_world(out, PRESETS["micro"], Options(seed=0))
+    assert "encoder" in reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
+    metrics["run"]["encoder_pooling"] = "mean"
+    (earlier / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="encoder_pooling"):
+        reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
+
+
 def test_one_lane_runs_the_stages_one_after_another(micro_run, tmp_path):
     """``lanes=1`` (``metamorph demo --lanes 1``): the same stages, one after another in this
     process (here everything but VPiT copied from the two-lane micro run)."""

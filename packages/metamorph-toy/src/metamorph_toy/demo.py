@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +324,12 @@ def reusable_stages(out: Path, earlier: Path, preset: Preset, options: Options) 
     # the preset's fields (less those the options override, as the ablation's generation
     # count) and the seed: what the copied stages and their data depend on
     fixed = {k: v for k, v in asdict(preset).items() if k not in asdict(options)}
-    differ = settings_differ(run, {**fixed, "seed": options.seed})
+    # a setting added to Preset after that run was made is read at its default, the behaviour
+    # every run before it had
+    defaults = {f.name: f.default for f in fields(Preset) if f.default is not MISSING}
+    differ = settings_differ(
+        {**json.loads(json.dumps(defaults)), **run}, {**fixed, "seed": options.seed}
+    )
     if differ:
         raise ValueError(
             f"'{earlier}' is a run with other settings ({', '.join(differ[:5])}); reuse needs "

@@ -55,6 +55,10 @@ class Preset:
     encoder_image: int = W.IMAGE_SIZE
     encoder_patch: int = 8
     encoder_hidden: int = 128
+    # the SigLIP image tower's pooling in the encoder stage (``small_siglip_config(pooling=)``):
+    # "map" (SigLIP's attention head) or "mean" (the mean token: what tells captions apart must
+    # be in the tokens, linearly; see BENCHMARKS.md)
+    encoder_pooling: str = "map"
     encoder_lr: float = 1e-3
     encoder_batch: int = 64
     # how often each attribute is asked about in the understanding training data, in the order

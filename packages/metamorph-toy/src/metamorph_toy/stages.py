@@ -84,6 +84,7 @@ def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                     "num_layers": 2,
                     "num_heads": 4,
                     "max_text_length": 16,
+                    "pooling": preset.encoder_pooling,
                 },
                 "vocab_size": 400,
                 "seed": seed,
