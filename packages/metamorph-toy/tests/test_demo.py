@@ -152,8 +152,9 @@ def test_a_run_reuses_what_its_data_leaves_unchanged(micro_run, tmp_path):
 
 
 def test_a_setting_a_run_did_not_record_is_read_at_its_default(micro_run, tmp_path):
-    """A run made before a preset setting existed records nothing for it: reuse reads it at
-    the setting's default (the behaviour that run had) and refuses any other recorded value."""
+    """A run made before a preset setting existed records nothing for it: reuse and the
+    ablation's read-back take it at the setting's default (the behaviour that run had) and
+    refuse any other recorded value."""
     from metamorph_toy.demo import reusable_stages, write_world
 
     earlier = tmp_path / "earlier"
@@ -165,10 +166,13 @@ def test_a_setting_a_run_did_not_record_is_read_at_its_default(micro_run, tmp_pa
     out = tmp_path / "new"
     write_world(out, PRESETS["micro"], Options(seed=0))
     assert "encoder" in reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
+    assert _finished_run(earlier, PRESETS["micro"], Options(seed=0), print) == metrics
     metrics["run"]["encoder_pooling"] = "mean"
     (earlier / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ValueError, match="encoder_pooling"):
         reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
+    with pytest.raises(FileExistsError, match="encoder_pooling"):
+        _finished_run(earlier, PRESETS["micro"], Options(seed=0), print)
 
 
 def test_one_lane_runs_the_stages_one_after_another(micro_run, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from metamorph_toy.demo import remove_demo_run, run_demo, settings_differ
-from metamorph_toy.presets import PRESETS, Options, Preset, run_record
+from metamorph_toy.presets import PRESETS, Options, Preset, recorded_settings, run_record
 from metamorph_toy.stages import VPIT_WEIGHTS
 
 ABLATIONS = {
@@ -150,7 +150,7 @@ def _finished_run(
             remove_demo_run(run_dir)
         return None
     metrics = json.loads(record.read_text())
-    differ = settings_differ(metrics["run"], run_record(preset, options))
+    differ = settings_differ(recorded_settings(metrics["run"]), run_record(preset, options))
     if differ:
         raise FileExistsError(
             f"'{run_dir}' holds a run with other settings ({', '.join(differ[:5])}); "

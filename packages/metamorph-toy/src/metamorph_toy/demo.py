@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,14 @@ from PIL import Image
 
 from metamorph_toy import world as W
 from metamorph_toy.evaluate import evaluate, write_report
-from metamorph_toy.presets import PRESETS, Options, Preset, run_record, wall_budget
+from metamorph_toy.presets import (
+    PRESETS,
+    Options,
+    Preset,
+    recorded_settings,
+    run_record,
+    wall_budget,
+)
 from metamorph_toy.stages import (
     VPIT_WEIGHTS,
     cache_features,
@@ -324,12 +331,7 @@ def reusable_stages(out: Path, earlier: Path, preset: Preset, options: Options) 
     # the preset's fields (less those the options override, as the ablation's generation
     # count) and the seed: what the copied stages and their data depend on
     fixed = {k: v for k, v in asdict(preset).items() if k not in asdict(options)}
-    # a setting added to Preset after that run was made is read at its default, the behaviour
-    # every run before it had
-    defaults = {f.name: f.default for f in fields(Preset) if f.default is not MISSING}
-    differ = settings_differ(
-        {**json.loads(json.dumps(defaults)), **run}, {**fixed, "seed": options.seed}
-    )
+    differ = settings_differ(recorded_settings(run), {**fixed, "seed": options.seed})
     if differ:
         raise ValueError(
             f"'{earlier}' is a run with other settings ({', '.join(differ[:5])}); reuse needs "

@@ -4,7 +4,8 @@ measurements behind the settings")."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from metamorph_toy import world as W
 
@@ -223,4 +224,12 @@ def run_record(preset: Preset, options: Options) -> dict:
     return {**asdict(preset), **overrides}
 
 
-__all__ = ["PRESETS", "Options", "Preset", "run_record", "wall_budget"]
+def recorded_settings(run: dict) -> dict:
+    """A run's recorded settings (``metrics.json`` "run") with every preset setting it does not
+    record at that setting's default: a run made before a setting existed had its default
+    behaviour. As JSON stores them (tuples as lists)."""
+    defaults = {f.name: f.default for f in fields(Preset) if f.default is not MISSING}
+    return {**json.loads(json.dumps(defaults)), **run}
+
+
+__all__ = ["PRESETS", "Options", "Preset", "recorded_settings", "run_record", "wall_budget"]
