@@ -217,7 +217,8 @@ def test_an_ablation_reuses_each_seeds_demo_run(tmp_path, monkeypatch, capsys):
 
     def fake_run_demo(preset, out, options, log, reuse, lanes):
         calls.append((options.seed, Path(out).name, reuse))
-        metric = {"value": 0.5}
+        value = {"all_data": 0.5 + 0.1 * options.seed, "no_understanding": 0.4}
+        metric = {"value": value.get(Path(out).name, 0.2)}
         metrics = {m: metric for m in ablation._ABLATION_METRICS.values()}
         metrics["run"] = {**run_record(PRESETS["micro"], options), "preset": "micro"}
         metrics["reused"] = {"from": str(reuse)}
@@ -231,6 +232,11 @@ def test_an_ablation_reuses_each_seeds_demo_run(tmp_path, monkeypatch, capsys):
         (tmp_path / f"d-s{seed}" / "metrics.json").write_text(json.dumps({"run": {"seed": seed}}))
     pattern, out = str(tmp_path / "d-s{seed}"), tmp_path / "abl"
     summary = ablation.run_ablation("micro", out, (0, 1), lambda m: None, reuse=pattern)
+    # the findings, paired by seed, with their t-intervals over the two seeds
+    added = summary["findings"]["understanding_data_on_generation"]
+    assert added["runs"] == pytest.approx([0.1, 0.2]) and added["mean"] == pytest.approx(0.15)
+    assert added["ci95"] == pytest.approx([0.15 - 12.706 * 0.05, 0.15 + 12.706 * 0.05])
+    assert summary["findings"]["text_facts_on_reasoning"]["runs"] == pytest.approx([0.3, 0.4])
     for seed in (0, 1):
         first = out / f"seed-{seed}" / "all_data"
         assert calls[3 * seed : 3 * seed + 3] == [

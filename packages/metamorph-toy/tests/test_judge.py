@@ -17,7 +17,7 @@ from metamorph_toy.judge import (
     train_judge,
     validate_judge,
 )
-from metamorph_toy.stats import wilson_interval
+from metamorph_toy.stats import t_interval, wilson_interval
 from metamorph_toy.world import ATTRIBUTES, Scene, all_scenes, cell_centre, render
 
 STEPS = 150  # enough for >= 0.98 clean accuracy in practice; the asserts leave a margin
@@ -154,3 +154,11 @@ def test_wilson_interval_matches_a_hand_computed_value():
     assert wilson_interval(50, 50)[1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="n >= 1"):
         wilson_interval(0, 0)
+
+
+def test_t_interval_matches_a_hand_computed_value():
+    # mean 2, sample sd 1, n 3: 2 +- 4.303 / sqrt(3)
+    low, high = t_interval([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5))
+    with pytest.raises(ValueError, match="at least 2"):
+        t_interval([0.5])
