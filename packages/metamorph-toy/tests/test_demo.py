@@ -50,6 +50,9 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
         assert (out / stage / "final").is_dir(), stage
     decoder_recipe = yaml.safe_load((out / "recipes" / "decoder.yaml").read_text())
     assert decoder_recipe["train"]["bf16"] is PRESETS["micro"].decoder_bf16 is True
+    encoder_recipe = yaml.safe_load((out / "recipes" / "encoder.yaml").read_text())
+    assert encoder_recipe["model"]["config"]["pooling"] == PRESETS["micro"].encoder_pooling
+    assert PRESETS["micro"].encoder_pooling == "mean"
     predicted = json.loads((out / "cache-predicted" / "cache_config.json").read_text())
     assert predicted["predicted_by"] == str(out / "vpit" / "final")
     for key in METRICS:
@@ -161,17 +164,18 @@ def test_a_setting_a_run_did_not_record_is_read_at_its_default(micro_run, tmp_pa
     earlier.mkdir()
     (earlier / "data").symlink_to(micro_run / "data")
     metrics = json.loads((micro_run / "metrics.json").read_text())
-    del metrics["run"]["encoder_pooling"]
+    assert PRESETS["micro"].encoder_center_per_token is True  # the setting's default
+    del metrics["run"]["encoder_center_per_token"]
     (earlier / "metrics.json").write_text(json.dumps(metrics))
     out = tmp_path / "new"
     write_world(out, PRESETS["micro"], Options(seed=0))
     assert "encoder" in reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
     assert _finished_run(earlier, PRESETS["micro"], Options(seed=0), print) == metrics
-    metrics["run"]["encoder_pooling"] = "mean"
+    metrics["run"]["encoder_center_per_token"] = False
     (earlier / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ValueError, match="encoder_pooling"):
+    with pytest.raises(ValueError, match="encoder_center_per_token"):
         reusable_stages(out, earlier, PRESETS["micro"], Options(seed=0))
-    with pytest.raises(FileExistsError, match="encoder_pooling"):
+    with pytest.raises(FileExistsError, match="encoder_center_per_token"):
         _finished_run(earlier, PRESETS["micro"], Options(seed=0), print)
 
 

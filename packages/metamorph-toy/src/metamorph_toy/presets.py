@@ -100,6 +100,7 @@ PRESETS = {
         sample_steps=4,
         decoder_tune_steps=5,
         decoder_bf16=True,
+        encoder_pooling="mean",
         stage_budget_s={
             "world": 3,
             "judge": 8,
