@@ -34,6 +34,7 @@ from metamorph_train.sharded_checkpoint import (
     save_sharded,
 )
 from metamorph_train.train_state import (
+    EMA_FILE,
     FORMAT,
     SHARDED,
     SINGLE_FILE,
@@ -63,6 +64,7 @@ class CheckpointedTrainer(Protocol):
     data: Any  # Mixture
     loader: Any  # metamorph_train.data.loader.Loader
     log: Callable[[str], None] | None
+    ema: Any  # metamorph_train.ema.WeightAverage, or None
 
     def _run_signature(self) -> dict[str, Any]: ...
 
@@ -114,6 +116,13 @@ def begin(
         distributed.load_weights(trainer.model, state["weights"], trainer.strategy)
         optim = optimizer_state(state["optimizer_tensors"], state["optimizer"])
         distributed.load_optimizer_state(trainer.model, optimizer, optim, trainer.strategy)
+        if trainer.ema is not None:
+            if state["ema_tensors"] is None:
+                raise CheckpointError(
+                    f"'{latest}' has no weight averages ({EMA_FILE}) for train.ema_decay; "
+                    "resume with the recipe that wrote it or start a new output directory"
+                )
+            trainer.ema.load_state_dict(state["ema_tensors"], str(latest))
     scheduler.load_state_dict(meta["scheduler"])
     trainer.loader.load_state_dict(meta["data"])
     restore_rng(latest, meta)
@@ -154,6 +163,7 @@ def save(
             trainer._run_signature(),
             c.keep_last,
             trainer.world,
+            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
         )
     del weights, optim
     _barrier(trainer)
@@ -173,8 +183,10 @@ def load_trained_weights(path: str | Path, objective: Any) -> dict[str, Any]:
     """Load the trained weights of the checkpoint ``path`` (either layout) into the whole,
     unsharded model of ``objective`` (as the recipe that trained it builds it), in this process
     alone, a tensor (or a shard's slice) at a time; the optimizer state is not read. Refuses a
-    checkpoint whose objective options or trained parameters differ from ``objective``'s.
-    Returns its ``config.json`` (``layout`` filled in)."""
+    checkpoint whose objective options or trained parameters differ from ``objective``'s. A
+    checkpoint of a run with ``train.ema_decay`` gives its weight averages, as the run's
+    ``final`` does. Returns its ``config.json`` (``layout`` filled in; ``averaged``: whether the
+    averages were loaded)."""
     path = Path(path)
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != FORMAT:
@@ -193,12 +205,16 @@ def load_trained_weights(path: str | Path, objective: Any) -> dict[str, Any]:
             "was trained with"
         )
     meta["layout"] = meta.get("layout", SINGLE_FILE)
+    meta["averaged"] = False
     with torch.no_grad():
         if meta["layout"] == SHARDED:
             load_weights_only(path, module, names)
         else:
             params = dict(module.named_parameters())
-            with safe_open(str(path / "weights.safetensors"), framework="pt") as f:
+            averaged = (path / EMA_FILE).is_file()  # a run with train.ema_decay: its averages
+            source = path / (EMA_FILE if averaged else "weights.safetensors")
+            with safe_open(str(source), framework="pt") as f:
                 for name in names:
                     params[name].copy_(f.get_tensor(name))
+            meta["averaged"] = averaged
     return meta

@@ -100,5 +100,6 @@ def export_step(path: Path, out: str | Path, recipe: Any) -> dict[str, Any]:
         "step": meta["step"],
         "layout": meta["layout"],
         "trained_tensors": len(meta["run"]["params"]),
+        "weight_averages": meta["averaged"],
         "saved": str(saved),
     }

@@ -27,6 +27,7 @@ TRAINING_KEYS = (
     "weight_decay",
     "max_grad_norm",
     "bf16",
+    "ema_decay",
     "seed",
 )
 

@@ -35,6 +35,7 @@ SINGLE_FILE, SHARDED = "single-file", "sharded"
 # a checkpoint whatever they were
 STORAGE_KEYS = ("fsdp_checkpoint",)
 GLOBAL_BATCH = "global batch (batch_size x ranks)"
+EMA_FILE = "ema.safetensors"  # the weight averages of a run with train.ema_decay
 
 
 def optimizer_tensors(
@@ -109,10 +110,12 @@ def save_train_state(
     run: dict[str, Any],
     keep_last: int,
     world: int = 1,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/step-NNNNNNN`` (single-file layout) atomically and delete older ones
     beyond ``keep_last``. ``world``: how many ranks trained (a resumed run may use another
-    number with the same global batch)."""
+    number with the same global batch). ``ema``: the weight averages
+    (:class:`~metamorph_train.ema.WeightAverage`), written to ``ema.safetensors``."""
     path = step_path(directory, step)
     with atomic_directory(path, FORMAT) as tmp:
         save_file(
@@ -121,6 +124,8 @@ def save_train_state(
         )
         opt_t, opt_meta = optimizer_tensors(optim_state)
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
         rng_meta = write_rng(tmp)
         write_json(
             tmp / "config.json",
@@ -213,4 +218,5 @@ def load_train_state(path: Path, run: dict[str, Any], world: int | None = None) 
         "weights": load_file(str(path / "weights.safetensors")),
         "optimizer_tensors": load_file(str(path / "optimizer.safetensors")),
         "rng_tensors": load_file(str(path / "rng.safetensors")),
+        "ema_tensors": load_file(str(path / EMA_FILE)) if (path / EMA_FILE).is_file() else None,
     }

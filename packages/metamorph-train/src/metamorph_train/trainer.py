@@ -1,6 +1,8 @@
 """The trainer: AdamW with warm-up + cosine/linear schedule, gradient accumulation and
-clipping, bf16 autocast, token-count-normalised losses, atomic checkpoints every N steps
-(last K kept) and exact resume of weights, optimizer, scheduler, RNG and data position.
+clipping, bf16 autocast, token-count-normalised losses, an optional moving average of the
+weights (``train.ema_decay``, :mod:`metamorph_train.ema`), atomic checkpoints every N steps
+(last K kept) and exact resume of weights, optimizer, averages, scheduler, RNG and data
+position.
 What it optimises is an :class:`~metamorph_train.objectives.Objective`; which parameters
 train is the objective's choice (:meth:`~metamorph_train.objectives.Objective.trainable`),
 logged at start as parameter groups with their counts.
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from metamorph_train import checkpointing, distributed, tracking
 from metamorph_train.data.loader import Loader
 from metamorph_train.data.mixture import Mixture
+from metamorph_train.ema import WeightAverage
 from metamorph_train.objectives.base import Objective
 from metamorph_train.trainer_config import TRACKING_FIELDS, TrainerConfig
 
@@ -144,6 +147,15 @@ class Trainer:
             distributed.materialise_from_rank0(model, whole, device)
         # after sharding: FSDP2 replaces parameters with sharded ones of the same names
         self.params = {n: p for n, p in model.named_parameters() if n in names}
+        self.ema = None
+        if config.ema_decay:
+            if self.strategy == "fsdp":
+                raise ValueError(
+                    "train.ema_decay keeps an average of the whole trained weights, which "
+                    "train.strategy=fsdp shards; average under one process or DDP, or set "
+                    "train.ema_decay: 0"
+                )
+            self.ema = WeightAverage(self.params, config.ema_decay)
         # this rank's share of each global micro-batch, read by worker processes; its state
         # (the mixture's position and generator) is the checkpoint's data position
         self.loader = Loader(
@@ -168,6 +180,8 @@ class Trainer:
             *TRACKING_FIELDS,
         ):
             c.pop(k)
+        if not c["ema_decay"]:  # as checkpoints written before the setting existed record it
+            c.pop("ema_decay")
         signature = self.objective.signature()
         return {**c, **signature, "params": sorted(self.params), "data": self.data.names}
 
@@ -249,6 +263,8 @@ class Trainer:
                 if (c.save_every and step % c.save_every == 0) or step == c.steps:
                     # every rank takes part (sharded under FSDP2, else rank 0 writes one file)
                     checkpointing.save(self, step, optimizer, scheduler)
+            if self.ema is not None:  # the final model holds the averaged weights
+                self.ema.copy_to_params()
             finished = True
         finally:
             track.finish(success=finished)
@@ -290,6 +306,8 @@ class Trainer:
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm)
         optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         done = sum(objective.throughput(b) for b in micro) * self.world

@@ -18,6 +18,9 @@ class TrainerConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float | None = 1.0
     bf16: bool = False
+    # an exponential moving average of the trained weights (metamorph_train.ema), e.g. 0.999;
+    # the run's final model holds the averages; 0: off
+    ema_decay: float = 0.0
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
