@@ -158,7 +158,8 @@ def test_a_setting_a_run_did_not_record_is_read_at_its_default(micro_run, tmp_pa
     """A run made before a preset setting existed records nothing for it: reuse and the
     ablation's read-back take it at the setting's default (the behaviour that run had) and
     refuse any other recorded value."""
-    from metamorph_toy.demo import reusable_stages, write_world
+    from metamorph_toy.demo import reusable_stages
+    from metamorph_toy.run_files import write_world
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()

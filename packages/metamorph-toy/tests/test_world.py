@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from metamorph_toy import demo as D
 from metamorph_toy import world as W
+from metamorph_toy.presets import PRESETS, Options, Preset
+from metamorph_toy.run_files import question_cycle, write_world
 
 CONCEPTS = [c for cs in W.COLOUR_CONCEPTS.values() for c in cs] + [
     p for ps in W.SHAPE_CONCEPTS.values() for p in ps
 ]
-SMALL = D.Preset(
-    **{**D.PRESETS["micro"].__dict__, "images": 64, "understanding": 128, "open_requests": 0.25}
+SMALL = Preset(
+    **{**PRESETS["micro"].__dict__, "images": 64, "understanding": 128, "open_requests": 0.25}
 )
 
 
@@ -28,7 +29,7 @@ def texts(row):
 
 @pytest.mark.parametrize("facts", [True, False])
 def test_concepts_only_in_text_and_held_out_scenes_never_targets(tmp_path, facts):
-    world = D.write_world(tmp_path, SMALL, D.Options(seed=3, text_facts=facts))
+    world = write_world(tmp_path, SMALL, Options(seed=3, text_facts=facts))
     files, splits = world["files"], world["splits"]
     with_images = [r for n in ("pairs", "understanding", "generation") for r in rows(files[n])]
     assert with_images and all("image" in r for r in with_images)
@@ -83,8 +84,8 @@ def test_reasoning_prompts_differ_from_requests_only_by_concepts():
 
 
 def test_the_papers_answers_without_restatements(tmp_path):
-    preset = D.Preset(**{**SMALL.__dict__, "restate": False})
-    files = D.write_world(tmp_path, preset, D.Options(seed=1))["files"]
+    preset = Preset(**{**SMALL.__dict__, "restate": False})
+    files = write_world(tmp_path, preset, Options(seed=1))["files"]
     answers = {r["conversations"][1]["value"] for r in rows(files["generation"])}
     assert answers == {f"{W.PAPER_ANSWER} <image>"}
     said = [r["conversations"][1]["value"] for r in rows(files["text"])]
@@ -93,17 +94,17 @@ def test_the_papers_answers_without_restatements(tmp_path):
 
 
 def test_question_mix_sets_how_often_each_attribute_is_asked(tmp_path):
-    preset = D.Preset(**{**SMALL.__dict__, "question_mix": (2, 1, 1, 3)})
-    files = D.write_world(tmp_path / "mix", preset, D.Options(seed=0))["files"]
+    preset = Preset(**{**SMALL.__dict__, "question_mix": (2, 1, 1, 3)})
+    files = write_world(tmp_path / "mix", preset, Options(seed=0))["files"]
     asked = [r["conversations"][0]["value"].split("\n", 1)[1] for r in rows(files["understanding"])]
     counts = {a: asked.count(W.QUESTIONS[a]) for a in W.ATTRIBUTES}
     # 128 questions cycling shape, shape, colour, size, position x 3 (18 cycles and 2 more)
     assert counts == {"shape": 38, "colour": 18, "size": 18, "position": 54}
-    plain = D.write_world(tmp_path / "plain", SMALL, D.Options(seed=0))["files"]
+    plain = write_world(tmp_path / "plain", SMALL, Options(seed=0))["files"]
     # the same images and scenes: only the questions asked of them differ
     images = [r["image"] for r in rows(files["understanding"])]
     assert images == [r["image"] for r in rows(plain["understanding"])]
     with pytest.raises(ValueError, match="question_mix"):
-        D.question_cycle((1, 1, 1))
+        question_cycle((1, 1, 1))
     with pytest.raises(ValueError, match="question_mix"):
-        D.question_cycle((0, 0, 0, 0))
+        question_cycle((0, 0, 0, 0))
