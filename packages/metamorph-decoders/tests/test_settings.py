@@ -28,6 +28,7 @@ SAVED = {
     "null_conditioning": "learned",
     "spatial_channels": 0,
     "spatial_detail": 1,
+    "spatial_hidden": 0,
     "patch_size": 1,
     "sampling": {"scheduler": "pndm", "steps": 30, "guidance_scale": 6.0},
 }
@@ -48,6 +49,7 @@ def test_defaults_and_the_recorded_form():
         "null_conditioning": "zeros",
         "spatial_channels": 0,
         "spatial_detail": 1,
+        "spatial_hidden": 0,
         "patch_size": 1,
         "sampling": {"scheduler": "ddim", "steps": 50, "guidance_scale": 7.5},
     }
@@ -70,6 +72,8 @@ def test_defaults_and_the_recorded_form():
         ({"spatial_channels": -1}, "spatial_channels must be >= 0, got -1"),
         ({"spatial_channels": 4, "spatial_detail": 0}, "spatial_detail must be >= 1"),
         ({"spatial_detail": 2}, "spatial_detail=2 shapes the spatial conditioning map"),
+        ({"spatial_channels": 4, "spatial_hidden": -1}, "spatial_hidden must be >= 0"),
+        ({"spatial_hidden": 64}, "spatial_hidden=64 shapes the spatial conditioning map"),
         ({"patch_size": 0}, "patch_size must be >= 1"),
         ({"mode": "rgb"}, "decoder mode must be 'latent' or 'pixel', got 'rgb'"),
         ({"prediction_type": "x"}, "unknown prediction_type 'x'; use epsilon, v or sample"),
@@ -93,8 +97,11 @@ def test_given_then_saved_then_default():
     assert resolve_settings(changed, SAVED, root=Path("dec")) == dataclasses.replace(
         reloaded, **changed
     )
-    old = {k: v for k, v in SAVED.items() if k not in ("spatial_detail", "sampling")}
+    old = {
+        k: v for k, v in SAVED.items() if k not in ("spatial_detail", "spatial_hidden", "sampling")
+    }
     assert resolve_settings({}, old).spatial_detail == 1  # saved before these existed
+    assert resolve_settings({}, old).spatial_hidden == 0
     assert resolve_settings({}, old).sampling == DecodeConfig()
     # the default sampling may change on reload too, and is recorded without a seed
     faster = resolve_settings({"sampling": {"steps": 10, "seed": 3}}, SAVED, root=Path("dec"))

@@ -166,6 +166,30 @@ def test_detail_is_saved_and_checked_on_reload(tmp_path):
         create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), spatial_detail=1)
 
 
+def test_a_hidden_layer_makes_each_tokens_pattern_non_linear_and_local(tmp_path):
+    d, h = 8, 32
+    dec = spatial_decoder(spatial_detail=d, spatial_hidden=h)
+    assert dec.spatial.weight.shape == (K * d * d, h)
+    tokens, _ = data()
+    grid = dec.spatial_map(tokens)
+    assert grid.shape == (4, K, 16, 16)
+    hidden = torch.nn.functional.gelu(
+        tokens @ dec.spatial.hidden[0].weight.T + dec.spatial.hidden[0].bias
+    )
+    proj = (hidden @ dec.spatial.weight.T).reshape(4, 4, K, d, d)
+    assert torch.allclose(grid[:, :, :d, :d], proj[:, 0], atol=1e-6)
+    assert not torch.allclose(dec.spatial_map(2 * tokens), 2 * grid, atol=1e-3)  # not linear
+    changed = tokens.clone()
+    changed[:, 3] += 1.0  # the bottom-right token moves only the bottom-right patch
+    diff = (dec.spatial_map(changed) - grid).abs().sum(dim=(0, 1))
+    assert diff[8:, 8:].min() > 0 and diff[:8].max() == 0 and diff[:, :8].max() == 0
+    dec.save_pretrained(tmp_path / "dec")
+    again = create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"))
+    assert again.spatial_hidden == h and torch.equal(again.spatial_map(tokens), grid)
+    with pytest.raises(CheckpointError, match="spatial_hidden=32 but spatial_hidden=0"):
+        create("decoder", "sd-unet", pretrained=str(tmp_path / "dec"), spatial_hidden=0)
+
+
 def test_a_decoder_saved_before_spatial_detail_loads_flat(tmp_path):
     import json
 

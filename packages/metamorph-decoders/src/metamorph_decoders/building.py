@@ -157,15 +157,18 @@ def load_adapter_file(
     spatial: torch.nn.Module | None,
     null_context: torch.nn.Parameter | None,
 ) -> None:
-    """Load ``adapter.safetensors`` into ``adapter``, ``spatial`` (``spatial.weight``) and
+    """Load ``adapter.safetensors`` into ``adapter``, ``spatial`` (``spatial.weight``, and
+    ``spatial.hidden.*`` with ``spatial_hidden``) and
     ``null_context`` (``null_context``, when learned). Weights present without their module,
     absent with it, or of other shapes are a ``CheckpointError``."""
     state = load_file(str(path))
     null = state.pop("null_context", None)
-    spatial_weight = state.pop("spatial.weight", None)
-    if (spatial_weight is not None) != (spatial is not None):
+    spatial_state = {
+        k[len("spatial.") :]: state.pop(k) for k in list(state) if k.startswith("spatial.")
+    }
+    if bool(spatial_state) != (spatial is not None):
         raise CheckpointError(
-            f"{path}: spatial conditioning weights present={spatial_weight is not None} but "
+            f"{path}: spatial conditioning weights present={bool(spatial_state)} but "
             f"spatial_channels={settings.spatial_channels}"
         )
     if (null is not None) != (settings.null_conditioning == "learned"):
@@ -177,8 +180,8 @@ def load_adapter_file(
         adapter.load_state_dict(state)
         if null is not None:
             null_context.data.copy_(null)
-        if spatial_weight is not None:
-            spatial.load_state_dict({"weight": spatial_weight})
+        if spatial_state:
+            spatial.load_state_dict(spatial_state)
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: the saved adapter does not fit adapter {settings.adapter_spec} with "

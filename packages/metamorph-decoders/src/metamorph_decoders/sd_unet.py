@@ -25,7 +25,8 @@ zero weights, so it starts out computing exactly what it did (logged).
 
 ``spatial_detail`` d (default 1, the flat map above) gives each token a learned d x d pattern
 of those channels over its patch instead of one value: a linear "unpatchify" at a coarse
-resolution, the (grid*d)^2 map resized bilinearly to the sample.
+resolution, the (grid*d)^2 map resized bilinearly to the sample. ``spatial_hidden`` h puts a
+hidden layer of h GELU units between each token and its pattern.
 
 The parts: :class:`~metamorph_decoders.settings.DecoderSettings` (what a decoder records, and
 how arguments merge with a saved ``config.json``), :class:`DiffusionDecoder` (the modules, the
@@ -94,6 +95,7 @@ class DiffusionDecoder(VisualDecoder):
     null_conditioning = settings_attribute("null_conditioning")
     spatial_channels = settings_attribute("spatial_channels")
     spatial_detail = settings_attribute("spatial_detail")
+    spatial_hidden = settings_attribute("spatial_hidden")
     patch_size = settings_attribute("patch_size")
     cond_dropout = settings_attribute("cond_dropout", writable=True)
     snr_gamma = settings_attribute("snr_gamma", writable=True)
@@ -117,6 +119,7 @@ class DiffusionDecoder(VisualDecoder):
         reshape_cross_attention: bool = False,
         spatial_channels: int | None = None,
         spatial_detail: int | None = None,
+        spatial_hidden: int | None = None,
         patch_size: int | None = None,
         snr_gamma: float | None = None,
         token_noise: float | None = None,
@@ -181,6 +184,7 @@ class DiffusionDecoder(VisualDecoder):
             "null_conditioning": null_conditioning,
             "spatial_channels": spatial_channels,
             "spatial_detail": spatial_detail,
+            "spatial_hidden": spatial_hidden,
             "patch_size": patch_size,
         }
         has_vae = vae_config is not None or (root is not None and (root / "vae").is_dir())
@@ -217,7 +221,13 @@ class DiffusionDecoder(VisualDecoder):
         )
         self.unet = build_unet(root, unet_cfg, self.adapter, reshape)
         self.spatial = (
-            SpatialMap(self.token_dim, self.spatial_channels, self.num_tokens, self.spatial_detail)
+            SpatialMap(
+                self.token_dim,
+                self.spatial_channels,
+                self.num_tokens,
+                self.spatial_detail,
+                self.spatial_hidden,
+            )
             if self.spatial_channels
             else None
         )
@@ -438,8 +448,9 @@ class DiffusionDecoder(VisualDecoder):
         tensors = {k: v.contiguous() for k, v in self.adapter.state_dict().items()}
         if self.null_conditioning == "learned":
             tensors["null_context"] = self.null_context.detach().contiguous()
-        if self.spatial is not None:
-            tensors["spatial.weight"] = self.spatial.weight.detach().contiguous()
+        if self.spatial is not None:  # spatial.weight (and spatial.hidden.* with a hidden layer)
+            for key, value in self.spatial.state_dict().items():
+                tensors[f"spatial.{key}"] = value.detach().contiguous()
         save_file(tensors, str(path / "adapter.safetensors"))
         write_json(
             path / "config.json", {"format": FORMAT, **self.settings(), "weights": sorted(tensors)}

@@ -37,6 +37,7 @@ STRUCTURAL: dict[str, Any] = {
     "num_tokens": None,
     "spatial_channels": 0,
     "spatial_detail": 1,
+    "spatial_hidden": 0,
     "patch_size": 1,
 }
 _INTEGERS = (
@@ -45,6 +46,7 @@ _INTEGERS = (
     "context_length",
     "spatial_channels",
     "spatial_detail",
+    "spatial_hidden",
     "patch_size",
 )
 
@@ -66,7 +68,9 @@ class DecoderSettings:
     ``snr_gamma``: Min-SNR-gamma loss weighting (``None``: off); ``token_noise``: the scale of
     the training-time token perturbation (0: off); ``null_conditioning``: ``zeros`` or
     ``learned``; ``spatial_channels``: input channels of the spatial conditioning map (0: off);
-    ``spatial_detail``: side of each token's pattern in that map; ``patch_size``: side of the
+    ``spatial_detail``: side of each token's pattern in that map; ``spatial_hidden``: width of a
+    hidden GELU layer between each token and its pattern (0: the pattern is linear in the
+    token); ``patch_size``: side of the
     patches folded into the UNet's channels (1: none); ``sampling``: how :meth:`decode` samples
     when not told otherwise (a :class:`~metamorph_core.decoding.DecodeConfig`, or a dict of
     its fields; recorded without its seed)."""
@@ -83,6 +87,7 @@ class DecoderSettings:
     null_conditioning: str = "zeros"
     spatial_channels: int = 0
     spatial_detail: int = 1
+    spatial_hidden: int = 0
     patch_size: int = 1
     sampling: DecodeConfig = field(default_factory=DecodeConfig)
 
@@ -115,6 +120,15 @@ class DecoderSettings:
             raise ValueError(
                 f"spatial_detail={self.spatial_detail} shapes the spatial conditioning map, which "
                 "is off (spatial_channels=0); set spatial_channels > 0 or drop spatial_detail"
+            )
+        if self.spatial_hidden < 0:
+            raise ValueError(
+                f"spatial_hidden must be >= 0 (0: a linear map), got {self.spatial_hidden}"
+            )
+        if self.spatial_hidden and not self.spatial_channels:
+            raise ValueError(
+                f"spatial_hidden={self.spatial_hidden} shapes the spatial conditioning map, which "
+                "is off (spatial_channels=0); set spatial_channels > 0 or drop spatial_hidden"
             )
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1 (1: no patching), got {self.patch_size}")

@@ -19,15 +19,29 @@ class SpatialMap(torch.nn.Linear):
     (no bias), laid out on the token grid and resized to the sample size. ``detail`` 1: one
     value per channel and token, upsampled nearest (each patch flat). ``detail`` d > 1: each
     token paints its own learned d x d pattern over its patch (a linear "unpatchify" at a
-    coarse resolution), the ``(grid*d)^2`` map resized bilinearly to the sample. ``weight``
-    (``channels * detail**2`` rows) is what the decoder saves."""
+    coarse resolution), the ``(grid*d)^2`` map resized bilinearly to the sample. ``hidden`` h >
+    0: the token first goes through ``Linear(token_dim, h)`` and GELU (``self.hidden``), so a
+    token's pattern may depend on it non-linearly (e.g. a shape drawn where in the patch the
+    token says it is). ``weight`` (``channels * detail**2`` rows) and, with ``hidden``, the
+    hidden layer's weight and bias are what the decoder saves."""
 
-    def __init__(self, token_dim: int, channels: int, num_tokens: int, detail: int = 1) -> None:
+    def __init__(
+        self, token_dim: int, channels: int, num_tokens: int, detail: int = 1, hidden: int = 0
+    ) -> None:
         if detail < 1:
             raise ValueError(f"spatial_detail must be >= 1 (1: one value per patch), got {detail}")
-        super().__init__(token_dim, channels * detail * detail, bias=False)
+        super().__init__(hidden or token_dim, channels * detail * detail, bias=False)
         self.channels, self.detail = channels, detail
         self.num_tokens, self.grid = num_tokens, _token_grid(num_tokens)
+        self.hidden = (
+            torch.nn.Sequential(torch.nn.Linear(token_dim, hidden), torch.nn.GELU())
+            if hidden
+            else None
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(..., token_dim)`` -> ``(..., channels * detail**2)``."""
+        return super().forward(tokens if self.hidden is None else self.hidden(tokens))
 
     def layout(self, tokens: torch.Tensor, side: int) -> torch.Tensor:
         """``(b, n, c)`` tokens -> ``(b, channels, side, side)``."""
