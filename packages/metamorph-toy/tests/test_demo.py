@@ -50,6 +50,12 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
         assert (out / stage / "final").is_dir(), stage
     decoder_recipe = yaml.safe_load((out / "recipes" / "decoder.yaml").read_text())
     assert decoder_recipe["train"]["bf16"] is PRESETS["micro"].decoder_bf16 is True
+    # the decoder learns at a constant rate and draws with its weights' moving average
+    micro = PRESETS["micro"]
+    assert (micro.decoder_schedule, micro.decoder_ema) == ("constant", 0.999)
+    assert decoder_recipe["train"]["schedule"] == "constant"
+    assert decoder_recipe["train"]["ema_decay"] == 0.999
+    assert (out / "decoder" / f"step-{micro.decoder_steps:07d}" / "ema.safetensors").is_file()
     encoder_recipe = yaml.safe_load((out / "recipes" / "encoder.yaml").read_text())
     assert encoder_recipe["model"]["config"]["pooling"] == PRESETS["micro"].encoder_pooling
     assert PRESETS["micro"].encoder_pooling == "mean"

@@ -43,6 +43,10 @@ class Preset:
     # time on an AMX Xeon (BENCHMARKS.md), so a budget buys more of them; a CPU without bf16
     # matrix units may run it slower than fp32
     decoder_bf16: bool = False
+    # the decoder stage's learning-rate schedule (``train.schedule``) and moving average of
+    # its weights (``train.ema_decay``; 0: the last step's weights draw)
+    decoder_schedule: str = "cosine"
+    decoder_ema: float = 0.0
     # share of training generation requests that leave one attribute unsaid ("Draw a large
     # triangle at the top."): the answer names it in its restatement and draws it, so that the
     # drawing has to follow the restatement and not only the request's words
@@ -100,6 +104,8 @@ PRESETS = {
         sample_steps=4,
         decoder_tune_steps=5,
         decoder_bf16=True,
+        decoder_schedule="constant",
+        decoder_ema=0.999,
         encoder_pooling="mean",
         stage_budget_s={
             "world": 3,
@@ -126,6 +132,9 @@ PRESETS = {
         encoder_pooling="mean",  # shape in the tokens: the decoder's and understanding's lever
         decoder_steps=3000,
         decoder_bf16=True,
+        # learning at the full rate to the last step, drawn by the weights' moving average
+        decoder_schedule="constant",
+        decoder_ema=0.999,
         decoder_token_noise=0.25,
         decoder_spatial_detail=6,
         decoder_channels=(32, 64, 64),

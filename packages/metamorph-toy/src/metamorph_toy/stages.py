@@ -182,6 +182,8 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                 preset.decoder_lr,
                 seed,
                 bf16=preset.decoder_bf16,
+                schedule=preset.decoder_schedule,
+                ema_decay=preset.decoder_ema,
             ),
         },
     )
