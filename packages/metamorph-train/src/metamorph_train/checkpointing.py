@@ -64,7 +64,8 @@ class CheckpointedTrainer(Protocol):
     data: Any  # Mixture
     loader: Any  # metamorph_train.data.loader.Loader
     log: Callable[[str], None] | None
-    ema: Any  # metamorph_train.ema.WeightAverage, or None
+    # ``ema``: a metamorph_train.ema.WeightAverage, or None (read with getattr: a trainer
+    # without the attribute keeps no average)
 
     def _run_signature(self) -> dict[str, Any]: ...
 
@@ -116,13 +117,14 @@ def begin(
         distributed.load_weights(trainer.model, state["weights"], trainer.strategy)
         optim = optimizer_state(state["optimizer_tensors"], state["optimizer"])
         distributed.load_optimizer_state(trainer.model, optimizer, optim, trainer.strategy)
-        if trainer.ema is not None:
+        ema = getattr(trainer, "ema", None)
+        if ema is not None:
             if state["ema_tensors"] is None:
                 raise CheckpointError(
                     f"'{latest}' has no weight averages ({EMA_FILE}) for train.ema_decay; "
                     "resume with the recipe that wrote it or start a new output directory"
                 )
-            trainer.ema.load_state_dict(state["ema_tensors"], str(latest))
+            ema.load_state_dict(state["ema_tensors"], str(latest))
     scheduler.load_state_dict(meta["scheduler"])
     trainer.loader.load_state_dict(meta["data"])
     restore_rng(latest, meta)
@@ -149,6 +151,7 @@ def save(
         )
         return save_sharded(trainer.out, step, trainer.model, optimizer, names, config, c.keep_last)
     # full tensors (a collective under FSDP); rank 0 writes them
+    ema = getattr(trainer, "ema", None)
     weights = distributed.full_weights(trainer.model, names, trainer.strategy)
     optim = distributed.full_optimizer_state(trainer.model, optimizer, trainer.strategy)
     path = step_path(trainer.out, step)
@@ -163,7 +166,7 @@ def save(
             trainer._run_signature(),
             c.keep_last,
             trainer.world,
-            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
+            ema=ema.state_dict() if ema is not None else None,
         )
     del weights, optim
     _barrier(trainer)
