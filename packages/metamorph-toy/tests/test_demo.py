@@ -56,6 +56,9 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     assert decoder_recipe["train"]["schedule"] == "constant"
     assert decoder_recipe["train"]["ema_decay"] == 0.999
     assert (out / "decoder" / f"step-{micro.decoder_steps:07d}" / "ema.safetensors").is_file()
+    # drawn without guidance, it trains every sample on its tokens (no null context)
+    assert micro.decoder_guidance == 1.0 and micro.decoder_cond_dropout == 0.0
+    assert decoder_recipe["model"]["decoder"]["kwargs"]["cond_dropout"] == 0.0
     encoder_recipe = yaml.safe_load((out / "recipes" / "encoder.yaml").read_text())
     assert encoder_recipe["model"]["config"]["pooling"] == PRESETS["micro"].encoder_pooling
     assert PRESETS["micro"].encoder_pooling == "mean"

@@ -108,3 +108,10 @@ def test_question_mix_sets_how_often_each_attribute_is_asked(tmp_path):
         question_cycle((1, 1, 1))
     with pytest.raises(ValueError, match="question_mix"):
         question_cycle((0, 0, 0, 0))
+
+
+def test_guidance_needs_a_decoder_trained_on_the_null_context():
+    with pytest.raises(ValueError, match="decoder_cond_dropout"):
+        Preset(**{**SMALL.__dict__, "decoder_guidance": 2.0, "decoder_cond_dropout": 0.0})
+    guided = Preset(**{**SMALL.__dict__, "decoder_guidance": 2.0, "decoder_cond_dropout": 0.1})
+    assert guided.decoder_cond_dropout == 0.1

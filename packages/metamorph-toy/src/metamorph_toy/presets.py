@@ -47,6 +47,10 @@ class Preset:
     # its weights (``train.ema_decay``; 0: the last step's weights draw)
     decoder_schedule: str = "cosine"
     decoder_ema: float = 0.0
+    # share of decoder samples trained on the null context (``sd-unet`` ``cond_dropout``):
+    # what classifier-free guidance needs; a preset that draws without guidance
+    # (``decoder_guidance`` 1.0) can spend every sample on its tokens
+    decoder_cond_dropout: float = 0.1
     # share of training generation requests that leave one attribute unsaid ("Draw a large
     # triangle at the top."): the answer names it in its restatement and draws it, so that the
     # drawing has to follow the restatement and not only the request's words
@@ -83,6 +87,14 @@ class Preset:
     # gets the same result)
     stage_budget_s: dict[str, float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.decoder_guidance != 1.0 and self.decoder_cond_dropout == 0.0:
+            raise ValueError(
+                f"preset: decoder_guidance={self.decoder_guidance} needs a decoder trained on "
+                "the null context too; set decoder_cond_dropout > 0 (e.g. 0.1) or "
+                "decoder_guidance=1.0"
+            )
+
 
 PRESETS = {
     "micro": Preset(
@@ -106,6 +118,7 @@ PRESETS = {
         decoder_bf16=True,
         decoder_schedule="constant",
         decoder_ema=0.999,
+        decoder_cond_dropout=0.0,
         encoder_pooling="mean",
         stage_budget_s={
             "world": 3,
@@ -135,6 +148,7 @@ PRESETS = {
         # learning at the full rate to the last step, drawn by the weights' moving average
         decoder_schedule="constant",
         decoder_ema=0.999,
+        decoder_cond_dropout=0.0,  # drawn without guidance: every sample on its tokens
         decoder_token_noise=0.25,
         decoder_spatial_detail=6,
         decoder_channels=(32, 64, 64),

@@ -165,7 +165,7 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                         "spatial_detail": preset.decoder_spatial_detail,
                         "patch_size": patch,
                         "prediction_type": "sample",
-                        "cond_dropout": 0.1,
+                        "cond_dropout": preset.decoder_cond_dropout,
                         "token_noise": preset.decoder_token_noise,
                         "seed": seed,
                     },
