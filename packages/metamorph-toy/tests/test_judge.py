@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from metamorph_toy.foreground import UNRECOGNISED, gate, position_of
 from metamorph_toy.judge import (
-    UNRECOGNISED,
     Judge,
     JudgeConfig,
     correct,
-    gate,
-    position_of,
     train_judge,
     validate_judge,
 )
