@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from metamorph_core import Conversation, create
 from metamorph_core.errors import ConversationError
 from metamorph_train.data import ConversationDataset, ImageRoot, Mixture, read_records
+from metamorph_train.data.images import ImageMemory
+from metamorph_train.recipe import DataConfig
 
 
 def _record(i, image="a.png", answer="red"):
@@ -95,6 +98,48 @@ def test_dataset_raises_by_default_and_skips_and_counts_on_request(root):
     path.write_text("not json\n")
     with pytest.raises(ValueError, match="holds no usable records"):
         ConversationDataset(path, root / "img", on_error="skip")
+
+
+def test_image_memory_decodes_each_file_once_and_hands_out_copies(root):
+    Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)).save(
+        root / "img" / "b.png"
+    )
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(_record(i, image="b.png")) for i in range(3)) + "\n")
+    plain = ConversationDataset(path, root / "img")
+    memory = ImageMemory(1)
+    kept = ConversationDataset(path, root / "img", image_memory=memory)
+    expected = plain[0].images[0]
+    first = kept[0].images[0]
+    assert torch.equal(first, expected) and expected.abs().sum() > 0
+    first.zero_()  # what a caller does to its image never reaches the kept one
+    (root / "img" / "b.png").unlink()  # later reads come from memory, not from the file
+    assert torch.equal(kept[1].images[0], expected)
+    assert (memory.hits, memory.misses) == (1, 1)
+    assert memory.used == expected.numel() * expected.element_size()
+    with pytest.raises(FileNotFoundError, match="b.png"):
+        plain[2]
+
+
+def test_image_memory_keeps_images_up_to_its_limit_and_reads_the_rest(root):
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / "img" / "c.png")
+    one = 3 * 8 * 8 * 4  # bytes of one decoded (3, 8, 8) float32 image
+    memory = ImageMemory(1.5 * one / 2**20)
+    images = ImageRoot(root / "img")
+    for _ in range(2):
+        for name in ("a.png", "c.png"):
+            assert torch.equal(memory.load(images, name), images.load(name))
+    assert memory.used == one and (memory.hits, memory.misses) == (1, 3)
+    with pytest.raises(FileNotFoundError, match="record 'r9': image 'gone.png' not found"):
+        memory.load(images, "gone.png", "r9")
+    with pytest.raises(ValueError, match="limit_mb must be > 0"):
+        ImageMemory(0)
+
+
+def test_recipe_key_image_memory_mb_is_checked():
+    assert DataConfig(image_memory_mb=64).image_memory_mb == 64
+    with pytest.raises(ValueError, match=r"data.image_memory_mb.*got -1"):
+        DataConfig(image_memory_mb=-1)
 
 
 def test_task_builders_use_the_papers_templates():

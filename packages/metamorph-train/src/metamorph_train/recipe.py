@@ -86,11 +86,19 @@ class DataConfig:
     # process), each prefetch micro-batches ahead; the data drawn does not depend on either
     num_workers: int = 0
     prefetch: int = 2
+    # MiB of decoded image files each process keeps in memory (0: none), shared by the
+    # sources: a small set drawn for many epochs is read and decoded once (ImageMemory)
+    image_memory_mb: float = 0
     # held-out sources (the Source keys; read whole, not streamed) that validation scores
     # every train.eval_every steps; unnamed ones are called eval0, eval1, ...
     eval_sources: list[Source] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.image_memory_mb >= 0:
+            raise ValueError(
+                "recipe key 'data.image_memory_mb' is the MiB of decoded images kept in memory "
+                f"(>= 0; 0: none), got {self.image_memory_mb!r}"
+            )
         if self.num_workers < 0 or self.prefetch < 1:
             raise ValueError(
                 "recipe keys 'data.num_workers' (>= 0; 0: read in the training process) and "

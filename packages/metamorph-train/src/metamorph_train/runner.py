@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from metamorph_train import checkpointing, distributed
+from metamorph_train.data.images import ImageMemory
 from metamorph_train.model_card import save_trained
 from metamorph_train.recipe import Recipe, objective_class
 from metamorph_train.train_state import latest_checkpoint
@@ -95,6 +96,8 @@ def _datasets(recipe: Recipe, objective: Any) -> dict[str, tuple[Any, float]]:
     cache = (
         objective.feature_cache(recipe.data.feature_cache) if recipe.data.feature_cache else None
     )
+    mb = recipe.data.image_memory_mb
+    memory = ImageMemory(mb) if mb else None
     out = {}
     for i, s in enumerate(recipe.data.sources):
         name = s.name or f"source{i}"
@@ -108,6 +111,7 @@ def _datasets(recipe: Recipe, objective: Any) -> dict[str, tuple[Any, float]]:
             streaming=s.streaming,
             format=s.format,
             seed=recipe.data.seed * 7919 + i,
+            image_memory=memory,
         )
         out[name] = (dataset, s.weight)
     return out

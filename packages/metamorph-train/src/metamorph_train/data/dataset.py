@@ -26,7 +26,7 @@ from typing import Any
 
 from metamorph_core.conversation import Conversation
 from metamorph_train.data.formats import FORMATS, open_stream
-from metamorph_train.data.images import ImageRoot
+from metamorph_train.data.images import ImageMemory, ImageRoot
 from metamorph_train.data.records import (
     check_image_record,
     check_pair_record,
@@ -69,11 +69,13 @@ class RecordDataset:
         streaming: bool = False,
         seed: int = 0,
         format: str = "jsonl",
+        image_memory: ImageMemory | None = None,
     ) -> None:
         """``feature_cache`` (a :class:`metamorph_train.cache.FeatureCache`): images come as
         their cached tokens (looked up by the images' names) and are not read. ``format``: one
         of :data:`~metamorph_train.data.formats.FORMATS`; all but ``jsonl`` stream whatever
-        ``streaming`` says."""
+        ``streaming`` says. ``image_memory``: image files under ``image_root`` are kept there
+        once decoded (it may be shared by several datasets)."""
         if format not in FORMATS:
             raise ValueError(
                 f"data source '{path}': unknown format '{format}'; use one of {', '.join(FORMATS)}"
@@ -93,6 +95,7 @@ class RecordDataset:
         self.root = ImageRoot(image_root) if image_root is not None else None
         self.on_error = on_error
         self.feature_cache = feature_cache
+        self.image_memory = image_memory
 
     def keep(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The records this dataset uses (all, unless a subclass filters)."""
@@ -180,6 +183,8 @@ class RecordDataset:
             return image.to_tensor(record_id)
         if self.root is None:
             raise ValueError(f"record {record_id!r} names image '{image}' but no image_root is set")
+        if self.image_memory is not None:
+            return self.image_memory.load(self.root, image, record_id)
         return self.root.load(image, record_id)
 
 
