@@ -310,3 +310,58 @@ def test_a_second_lane_that_dies_is_a_clear_error():
             StageClock(), lambda m: None, lambda: "judge", [("encoder", os._exit, (3,))],
             ("decoder", print, ()), nothing, ("vpit", print, ()), 2,
         )  # fmt: skip
+
+
+LANE_SCRIPT = """
+import os, sys, time
+from metamorph_toy.demo import StageClock, _two_lanes
+
+if __name__ == "__main__":
+    marker = sys.argv[1]
+    wait = ("lm", time.sleep, (120,))
+    _two_lanes(
+        StageClock(), print, lambda: "judge", [("encoder", open, (marker, "w")), wait],
+        ("decoder", print, ()), ("lm", print, ()), ("vpit", print, ()), 2,
+    )
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_a_demo_killed_without_warning_takes_its_second_lane_with_it(tmp_path):
+    """``kill -9`` of the demo (no chance to stop its lane) ends the lane's process too,
+    instead of leaving it to train on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, marker = tmp_path / "lanes.py", tmp_path / "lane-started"
+    script.write_text(LANE_SCRIPT)
+    demo = subprocess.Popen([sys.executable, str(script), str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the lane's process is up and in its stages
+            assert demo.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        children = Path(f"/proc/{demo.pid}/task/{demo.pid}/children").read_text().split()
+        lanes = [int(c) for c in children]
+        assert lanes
+    finally:
+        demo.send_signal(signal.SIGKILL)
+        demo.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"  # a zombie has ended (its parent has not reaped it yet)
+
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in lanes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in lanes if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "the second lane outlived the demo's process"

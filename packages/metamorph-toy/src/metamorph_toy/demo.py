@@ -84,11 +84,28 @@ def _copy_stage(source: Path, out: Path, entry: str) -> None:
     shutil.copytree(source / entry, out / entry)
 
 
-def _lane(stages: list[Stage], threads: int) -> dict[str, float]:
+def _exit_with(parent: int) -> None:
+    """End this process when process ``parent`` is gone: a demo killed without the chance to
+    stop its lane (``kill``, not Ctrl-C, which reaches both) leaves no lane training on."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-demo", daemon=True).start()
+
+
+def _lane(stages: list[Stage], threads: int, parent: int | None = None) -> dict[str, float]:
     """Run ``stages`` one after another in this process on ``threads`` torch threads, without
-    progress bars (another lane owns the terminal's); returns their seconds."""
+    progress bars (another lane owns the terminal's); returns their seconds. ``parent``: the
+    demo's process id, whose end ends this process too."""
     import torch
 
+    if parent is not None:
+        _exit_with(parent)
     hide_progress()
     torch.set_num_threads(threads)
     clock = StageClock()
@@ -114,6 +131,7 @@ def _two_lanes(
     for two runs side by side on one each), so two lanes finish sooner than one. Returns the
     judge; each stage's seconds go into ``clock`` (they overlap: ``total`` is the wall)."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
@@ -122,7 +140,7 @@ def _two_lanes(
     half = max(threads // 2, 1)
     log(f"[demo] two lanes of {half} thread(s): encoder, cache, decoder | judge, lm, vpit")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        cache = pool.submit(_lane, encoder_side, half)
+        cache = pool.submit(_lane, encoder_side, half, os.getpid())
         drawn = pool.submit(_lane, [decoder], half)  # after the cache, in the same process
         torch.set_num_threads(half)
         try:
