@@ -14,6 +14,7 @@ from metamorph_core.cli import main as cli
 from metamorph_toy.ablation import ABLATIONS, _finished_run, ablation_vpit_steps
 from metamorph_toy.demo import PRESETS, Options, remove_demo_run, run_demo
 from metamorph_toy.presets import run_record, wall_budget
+from metamorph_toy.stages import IMAGE_MEMORY_MB
 
 STAGES = (
     "world", "judge", "encoder", "center", "cache", "decoder", "lm", "vpit", "predict", "tune",
@@ -61,6 +62,9 @@ def test_micro_demo_runs_every_stage_and_learns(micro_run):
     assert decoder_recipe["model"]["decoder"]["kwargs"]["cond_dropout"] == 0.0
     encoder_recipe = yaml.safe_load((out / "recipes" / "encoder.yaml").read_text())
     assert encoder_recipe["model"]["config"]["pooling"] == PRESETS["micro"].encoder_pooling
+    # the renders, drawn for many epochs, are decoded once and kept in memory
+    for recipe in (encoder_recipe, decoder_recipe):
+        assert recipe["data"]["image_memory_mb"] == IMAGE_MEMORY_MB > 0
     assert PRESETS["micro"].encoder_pooling == "mean"
     predicted = json.loads((out / "cache-predicted" / "cache_config.json").read_text())
     assert predicted["predicted_by"] == str(out / "vpit" / "final")

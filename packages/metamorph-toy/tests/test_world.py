@@ -115,3 +115,27 @@ def test_guidance_needs_a_decoder_trained_on_the_null_context():
         Preset(**{**SMALL.__dict__, "decoder_guidance": 2.0, "decoder_cond_dropout": 0.0})
     guided = Preset(**{**SMALL.__dict__, "decoder_guidance": 2.0, "decoder_cond_dropout": 0.1})
     assert guided.decoder_cond_dropout == 0.1
+
+
+def test_a_preset_without_the_system_prompt_trains_vpit_on_conversations_without_one(
+    tmp_path, monkeypatch
+):
+    from metamorph_core import Conversation, create
+    from metamorph_toy import stages
+
+    world = write_world(tmp_path, SMALL, Options(seed=0))
+    files = {**world["files"], "images": world["images"]}
+    recipes = []
+    monkeypatch.setattr(stages, "_train", lambda path, tree: recipes.append(tree))
+    conversation = Conversation.from_llava(rows(files["generation"])[0])
+    rendered = {}
+    for system_prompt in (True, False):
+        preset = Preset(**{**SMALL.__dict__, "system_prompt": system_prompt})
+        stages.train_vpit(tmp_path, preset, files, 0, steps=1)
+        spec = recipes[-1]["model"]["template"]
+        name, kwargs = (spec, {}) if isinstance(spec, str) else (spec["name"], spec["kwargs"])
+        assert name == "chatml"
+        rendered[system_prompt] = create("template", name, **kwargs).render(conversation)
+    assert rendered[True].startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert rendered[False].startswith("<|im_start|>user\n")
+    assert rendered[True].endswith(rendered[False])  # the same conversation, nothing else lost

@@ -59,6 +59,10 @@ class Preset:
     # green at the top: <image>") and reasoning is resolved in that text; False: the paper's
     # "Here is an image based on your request: <image>", reasoning left implicit
     restate: bool = True
+    # the chat template's default system turn ("You are a helpful assistant.", which this
+    # world's tokenizer spells in 29 tokens, a third of a VPiT sample); False: none, as the
+    # paper's llama3 template (``chatml`` with ``default_system: null``)
+    system_prompt: bool = True
     # the small SigLIP: its input size and patch give the token grid (32 / 8: 4x4 = 16 tokens;
     # 48 / 16: 3x3 = 9 tokens, the world's grid of positions, one whole shape a token)
     encoder_image: int = W.IMAGE_SIZE
@@ -156,6 +160,7 @@ PRESETS = {
         lm_hidden=128,
         lm_layers=4,
         vpit_steps=1800,
+        system_prompt=False,  # a third fewer tokens a VPiT sample
         understanding=4000,
         # "where" asked most (colour and size saturate; with the mean-pooled encoder, shape too)
         question_mix=(1, 1, 1, 3),
@@ -170,12 +175,12 @@ PRESETS = {
         stage_budget_s={
             "world": 10,
             "judge": 35,
-            "encoder": 90,
+            "encoder": 85,
             "center": 2,
             "cache": 8,
             "decoder": 560,
             "lm": 45,
-            "vpit": 540,
+            "vpit": 420,
             "eval": 30,
         },  # fmt: skip
     ),

@@ -21,6 +21,11 @@ from metamorph_toy.presets import Preset
 #: progress bars of this process's stages (off in a second lane: one lane owns the terminal)
 _PROGRESS = {"show": True}
 
+# the encoder and decoder stages draw the world's few thousand small renders for many epochs:
+# each is read and decoded once and kept (``data.image_memory_mb``; the full preset's 8000
+# renders take about 100 MiB), which gives the same batches as reading them every time
+IMAGE_MEMORY_MB = 512
+
 
 def hide_progress() -> None:
     """No progress bars from this process's stages (a second lane: the first owns the
@@ -90,7 +95,8 @@ def train_encoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
                 "seed": seed,
             },
             "data": {
-                "sources": [{"path": str(files["pairs"]), "image_root": str(files["images"])}]
+                "sources": [{"path": str(files["pairs"]), "image_root": str(files["images"])}],
+                "image_memory_mb": IMAGE_MEMORY_MB,
             },
             "train": _train_section(
                 out / "encoder",
@@ -174,6 +180,7 @@ def train_decoder(out: Path, preset: Preset, files: dict[str, Path], seed: int) 
             "data": {
                 "sources": [{"path": str(files["decoder"]), "image_root": str(files["images"])}],
                 "feature_cache": str(out / "cache"),
+                "image_memory_mb": IMAGE_MEMORY_MB,
             },
             "train": _train_section(
                 out / "decoder",
@@ -243,7 +250,9 @@ def train_vpit(out: Path, preset: Preset, files: dict[str, Path], seed: int, ste
                 },
                 "projector": "mlp2x_gelu",
                 "head": "mlp2x_gelu",
-                "template": "chatml",
+                "template": "chatml"
+                if preset.system_prompt
+                else {"name": "chatml", "kwargs": {"default_system": None}},
             },
             "data": {"sources": sources, "feature_cache": str(out / "cache")},
             "train": _train_section(
