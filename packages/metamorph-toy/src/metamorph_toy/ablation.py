@@ -141,9 +141,10 @@ def _reused_runs(reuse: str | None, seeds: tuple[int, ...]) -> dict[int, Path]:
 def ablation_vpit_steps(steps: int, switches: dict[str, bool]) -> int:
     """VPiT steps for an ablation condition: ``steps`` scaled so that the expected number of
     generation conversations drawn (``VPIT_WEIGHTS``' share of generation, times steps) is that
-    of a run with every source. Without understanding data (quick: 1300 -> 780 steps) the text
-    conversations drawn stay equal too; the run is the full one less its understanding
-    batches. At equal steps a run without a source would see more generation instead."""
+    of a run with every source. Without understanding data (0.6 of the steps, e.g. 1800 ->
+    1080) the text conversations drawn stay equal too; the run is the full one less its
+    understanding batches. At equal steps a run without a source would see more generation
+    instead."""
     present = {
         "understanding": switches.get("understanding_data", True),
         "generation": True,
