@@ -173,7 +173,7 @@ PRESETS = {
         sample_steps=10,
         decoder_tune_steps=0,
         stage_budget_s={
-            "world": 10,
+            "world": 12,
             "judge": 35,
             "encoder": 85,
             "center": 2,
