@@ -140,6 +140,8 @@ def test_recipe_key_image_memory_mb_is_checked():
     assert DataConfig(image_memory_mb=64).image_memory_mb == 64
     with pytest.raises(ValueError, match=r"data.image_memory_mb.*got -1"):
         DataConfig(image_memory_mb=-1)
+    with pytest.raises(ValueError, match=r"data.image_memory_mb.*got '512'"):
+        DataConfig(image_memory_mb="512")
 
 
 def test_task_builders_use_the_papers_templates():

@@ -94,7 +94,8 @@ class DataConfig:
     eval_sources: list[Source] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.image_memory_mb >= 0:
+        mb = self.image_memory_mb
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb >= 0:
             raise ValueError(
                 "recipe key 'data.image_memory_mb' is the MiB of decoded images kept in memory "
                 f"(>= 0; 0: none), got {self.image_memory_mb!r}"
